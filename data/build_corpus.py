@@ -1,0 +1,175 @@
+"""Build the embedded offline corpus for the CPU preset: the Python standard library's own sources, GPT-2 tokenized.
+
+    python data/build_corpus.py                          # -> data/embedded/{train,val}_000000.bin + manifest.json
+    python data/build_corpus.py --max-tokens 1000000     # cap the corpus
+    python data/build_corpus.py --source DIR --out DIR   # any folder of .py files (tests use a synthetic one)
+
+then train with TRAIN_FILES='data/embedded/train_*.bin' VAL_FILES='data/embedded/val_*.bin'.
+
+Every .py file under the stdlib folder (sysconfig's "stdlib" path) is one document, except those in test folders
+(test/, tests/, idle_test/ ...) and site-packages/. Documents go in sorted relative-path order, each prefixed with
+<|endoftext|> (50256, the BOS token) and tokenized with tiktoken's GPT-2 encoding (encode_ordinary: a literal
+"<|endoftext|>" in a source file is plain text). Every --val-every'th document (the first, then each N-th) goes
+to val, the rest to train. The same Python version gives byte-identical shards.
+
+The build is cached: when manifest.json matches (Python version, source, file count, options) and every shard it
+lists is present and complete, nothing is done. Shards use the format of data/shards.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from shards import shard_token_count, write_shard
+from tokenizer import EOT_ID, gpt2_encoding
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "embedded"
+EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+ENCODE_BATCH_FILES = 64
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def source_files(source: Path) -> list[str]:
+    """Sorted POSIX-style relative paths of the .py files under source, test folders and site-packages left out."""
+    found = []
+    for root, dirs, files in os.walk(source):
+        dirs[:] = [d for d in dirs if d not in EXCLUDED_DIRS]
+        rel_root = Path(root).relative_to(source)
+        found += [(rel_root / name).as_posix() for name in files if name.endswith(".py")]
+    return sorted(found)
+
+
+def _wanted_manifest(source: Path, file_count: int, max_tokens: int | None, val_every: int,
+                     shard_tokens: int) -> dict:
+    return {"format": MANIFEST_FORMAT, "python_version": platform.python_version(), "source": str(source),
+            "file_count": file_count, "max_tokens": max_tokens, "val_every": val_every,
+            "shard_tokens": shard_tokens, "tokenizer": "gpt2"}
+
+
+def _cached_manifest(out: Path, wanted: dict) -> dict | None:
+    """The existing manifest when it matches `wanted` and all its shards are complete, else None."""
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        if any(manifest.get(key) != value for key, value in wanted.items()):
+            return None
+        if all(shard_token_count(out / name) == count for name, count in manifest["shards"].items()):
+            return manifest
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return None
+
+
+def _write_split(out: Path, split: str, docs: list[np.ndarray], shard_tokens: int) -> dict[str, int]:
+    tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=np.uint16)
+    written = {}
+    for index, start in enumerate(range(0, len(tokens), shard_tokens)):
+        name = f"{split}_{index:06d}.bin"
+        write_shard(out / name, tokens[start:start + shard_tokens])
+        written[name] = len(tokens[start:start + shard_tokens])
+    return written
+
+
+def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens: int | None = None,
+                 val_every: int = 25, shard_tokens: int = 10**8, force: bool = False,
+                 log: Callable[[str], None] = functools.partial(print, flush=True)) -> dict:
+    """Build (or find up to date) the corpus shards in `out`; return the manifest."""
+    if val_every < 2:
+        raise ValueError(f"val_every={val_every}: must be >= 2 so that both train and val get documents")
+    if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"shard_tokens={shard_tokens}, max_tokens={max_tokens}: must be positive")
+    source = Path(source).resolve() if source is not None else stdlib_dir()
+    if not source.is_dir():
+        raise ValueError(f"source {source} is not a folder")
+    out = Path(out)
+    files = source_files(source)
+    if not files:
+        raise ValueError(f"source {source} holds no .py files outside test folders")
+    wanted = _wanted_manifest(source, len(files), max_tokens, val_every, shard_tokens)
+    cached = None if force else _cached_manifest(out, wanted)
+    if cached is not None:
+        log(f"embedded corpus up to date in {out} ({cached['train_tokens']:,} train + {cached['val_tokens']:,} val "
+            f"tokens from {cached['documents']} files, Python {cached['python_version']}): nothing to do")
+        return cached
+
+    log(f"building embedded corpus from {source}: {len(files)} files, Python {platform.python_version()}, "
+        f"max_tokens {max_tokens or 'none'}")
+    start_time = time.perf_counter()
+    encoding = gpt2_encoding()
+    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    total_tokens = 0
+    documents = 0
+    for batch_start in range(0, len(files), ENCODE_BATCH_FILES):
+        batch = files[batch_start:batch_start + ENCODE_BATCH_FILES]
+        texts = [(source / name).read_bytes().decode("utf-8", errors="replace") for name in batch]
+        for encoded in encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1):
+            doc = np.array([EOT_ID, *encoded], dtype=np.uint16)
+            if max_tokens is not None:
+                doc = doc[:max_tokens - total_tokens]
+            splits["val" if documents % val_every == 0 else "train"].append(doc)
+            total_tokens += len(doc)
+            documents += 1
+            if max_tokens is not None and total_tokens >= max_tokens:
+                break
+        log(f"  {documents}/{len(files)} files, {total_tokens:,} tokens, {time.perf_counter() - start_time:.1f}s")
+        if max_tokens is not None and total_tokens >= max_tokens:
+            break
+    if not splits["train"]:
+        raise ValueError(f"only {documents} document(s): the train split is empty; raise --max-tokens or add files")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # no manifest while shards change: an interrupted build reruns
+    for stale in [*out.glob("train_*.bin"), *out.glob("val_*.bin")]:
+        stale.unlink()
+    shards = {**_write_split(out, "train", splits["train"], shard_tokens),
+              **_write_split(out, "val", splits["val"], shard_tokens)}
+    train_tokens = sum(len(doc) for doc in splits["train"])
+    val_tokens = sum(len(doc) for doc in splits["val"])
+    manifest = {**wanted, "documents": documents, "train_tokens": train_tokens, "val_tokens": val_tokens,
+                "shards": shards}
+    tmp_manifest = out / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp_manifest, out / MANIFEST_NAME)
+    log(f"wrote {out}: {train_tokens:,} train tokens ({len(splits['train'])} docs), {val_tokens:,} val tokens "
+        f"({len(splits['val'])} docs, {100 * val_tokens / total_tokens:.1f}%), {len(shards)} shard(s), "
+        f"{time.perf_counter() - start_time:.1f}s")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the embedded offline corpus (GPT-2 tokens of the Python "
+                                                 "stdlib sources) for the CPU preset.")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (default: all)")
+    parser.add_argument("--source", type=Path, default=None,
+                        help=f"folder of .py files to use instead of the stdlib (default: {stdlib_dir()})")
+    parser.add_argument("--val-every", type=int, default=25,
+                        help="every N-th document goes to val (default: %(default)s, about 4%% of tokens)")
+    parser.add_argument("--shard-tokens", type=int, default=10**8, help="tokens per shard (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
+    args = parser.parse_args(argv)
+    try:
+        build_corpus(args.source, args.out, args.max_tokens, args.val_every, args.shard_tokens, args.force)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
