@@ -1,0 +1,267 @@
+"""Tests for records/validate.py on synthetic logs written in tmp dirs (hermetic, CPU, a few seconds)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+SCRIPT = Path(__file__).resolve().parents[1] / "records" / "validate.py"
+_spec = importlib.util.spec_from_file_location("validate", SCRIPT)
+validate = importlib.util.module_from_spec(_spec)
+sys.modules["validate"] = validate  # dataclasses look their module up here
+_spec.loader.exec_module(validate)
+
+# Published figures of modded-nanogpt record #48 (records/track_1_short/2025-12-11_NorMuonOptimsAndFixes/README.md):
+# the prior record as baseline (p = 0.0632) and the submission "Mine + PreMul-O" (p = 0.0024).
+SEED_BASELINE_LOSSES = [3.2796, 3.2781, 3.2798, 3.2793]
+SEED_BASELINE_TIMES = [132.5520, 132.8170, 132.7390, 132.7790]
+SEED_RECORD_LOSSES = [3.2758, 3.2807, 3.2776, 3.2757, 3.2793, 3.2764, 3.2795, 3.2788, 3.2785, 3.2748]
+SEED_RECORD_TIMES = [131.2380, 131.2910, 131.1550, 131.1570, 131.2540, 131.3040, 131.1550, 131.1300, 131.1570,
+                     131.2650]
+
+# Source code at the top of a log: it holds lines that look like log lines and must never be parsed as data.
+FAKE_SOURCE = '''"""Fake trainer.
+step:2160/2160 val_loss:0.1000 train_time:1ms step_avg:1.00ms
+final: {"val_loss": 0.1, "step": 2160, "train_time_ms": 1.0, "status": "complete"}
+stopped: {"reason": "looks like a log line", "step": 1}
+"""
+print0(f"step:{step}/{train_steps} val_loss:{val_loss:.4f} train_time:{t:.0f}ms step_avg:{t / step:.2f}ms")
+'''
+
+
+def write_project_log(path: Path, loss: float, time_s: float, config: dict | None = None, total: int = 2160,
+                      finished: bool = True, stopped: bool = False, diagnostics: bool = False) -> Path:
+    """A log in this project's format: source, separator, config, step lines, final (or stopped) line."""
+    config = {"norm": "rmsnorm", "optimizer": "normuon", "seed": 0, "num_iterations": total, **(config or {})}
+    lines = [FAKE_SOURCE, "=" * 100, "config: " + json.dumps(config),
+             f"step:0/{total} val_loss:10.8258 train_time:0ms step_avg:0.00ms"]
+    last = total if finished else total // 2
+    for step in range(1, last + 1, max(1, total // 8)):
+        lines.append(f"step:{step}/{total} train_loss:{5.0 - step / total:.4f} train_time:{step * 60}ms "
+                     f"step_avg:60.00ms")
+    if diagnostics:
+        lines.append('diag: {"step": 250, "grad_norm": 1.5, "layers": [{"rms_in": 1.0}, {"rms_in": 3.0}]}')
+    if stopped:
+        lines.append('stopped: {"reason": "non-finite loss", "step": 17, "last_finite_loss": 4.31}')
+    elif finished:
+        lines.append(f"step:{total}/{total} val_loss:{loss:.4f} train_time:{time_s * 1000:.0f}ms step_avg:60.00ms")
+        lines.append("peak memory allocated: 1234 MiB reserved: 2345 MiB")
+        lines.append("final: " + json.dumps({"val_loss": loss, "step": total, "num_iterations": total,
+                                             "train_time_ms": time_s * 1000, "step_avg_ms": 60.0,
+                                             "status": "complete"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_public_log(path: Path, loss: float | str, time_s: float, total: int = 1770, last: int | None = None,
+                     old_format: bool = False) -> Path:
+    """A public speedrun log: source, separator, step lines only (the val line at N after the train line)."""
+    train_loss = " train_loss:4.0000" if old_format else ""
+    lines = [FAKE_SOURCE, "=" * 100, "nvidia-smi output would be here", "=" * 100,
+             f"step:0/{total} val_loss:10.8258 train_time:0ms step_avg:nanms"]
+    last = total if last is None else last
+    for step in range(1, last + 1, max(1, total // 8)):
+        lines.append(f"step:{step}/{total}{train_loss} train_time:{step * 60}ms step_avg:60.00ms")
+    if last == total:
+        lines.append(f"step:{total}/{total}{train_loss} train_time:{time_s * 1000 - 90:.0f}ms step_avg:60.00ms")
+        value = loss if isinstance(loss, str) else f"{loss:.4f}"
+        lines.append(f"step:{total}/{total} val_loss:{value} train_time:{time_s * 1000:.0f}ms step_avg:60.72ms")
+        lines.append("peak memory allocated: 29816 MiB reserved: 44176 MiB")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run validate.py as a user would (a fresh interpreter: about 2 s of scipy import, so used sparingly)."""
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """Run validate.main in this process, returning what run_cli would."""
+    code = validate.main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+
+def test_seed_baseline_pvalue(tmp_path: Path) -> None:
+    for index, (loss, time_s) in enumerate(zip(SEED_BASELINE_LOSSES, SEED_BASELINE_TIMES)):
+        write_project_log(tmp_path / f"baseline_{index}.txt", loss, time_s)
+    result = run_cli(str(tmp_path))
+    assert "p=0.06323" in result.stdout
+    assert "n=4  loss mean=3.27920" in result.stdout
+    assert "time mean=132.722s" in result.stdout
+    assert result.returncode == validate.EXIT_FAIL
+
+
+def test_seed_record_pvalue_public_logs(tmp_path: Path) -> None:
+    paths = [write_public_log(tmp_path / f"record {i}.txt", loss, time_s)
+             for i, (loss, time_s) in enumerate(zip(SEED_RECORD_LOSSES, SEED_RECORD_TIMES))]
+    result = run_cli(*map(str, paths))
+    assert "p=0.002439" in result.stdout
+    assert "record 0.txt" in result.stdout
+    assert result.returncode == validate.EXIT_PASS
+
+
+def test_one_sample_test_matches_published_digits() -> None:
+    assert f"{validate.one_sample_test(SEED_BASELINE_LOSSES, 3.28)['p']:.4g}" == "0.06323"
+    assert f"{validate.one_sample_test(SEED_RECORD_LOSSES, 3.28)['p']:.4g}" == "0.002439"
+    assert validate.one_sample_test(SEED_RECORD_LOSSES, 3.28)["df"] == 9
+
+
+def test_target_flag_changes_the_test(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for index, loss in enumerate(SEED_BASELINE_LOSSES):
+        write_project_log(tmp_path / f"b{index}.txt", loss, 130.0)
+    result = run_main(capsys, "--target", "3.281", "--json", str(tmp_path))
+    report = json.loads(result.stdout)
+    expected = stats.ttest_1samp(SEED_BASELINE_LOSSES, 3.281, alternative="less").pvalue
+    assert report["test"]["p"] == pytest.approx(expected, rel=1e-6)
+    assert result.returncode == validate.EXIT_PASS
+
+
+def test_welch_matches_scipy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder_a, folder_b = tmp_path / "a", tmp_path / "b"
+    folder_a.mkdir(), folder_b.mkdir()
+    for index, (loss, time_s) in enumerate(zip(SEED_BASELINE_LOSSES, SEED_BASELINE_TIMES)):
+        write_project_log(folder_a / f"{index}.txt", loss, time_s)
+    for index, (loss, time_s) in enumerate(zip(SEED_RECORD_LOSSES, SEED_RECORD_TIMES)):
+        write_public_log(folder_b / f"{index}.txt", loss, time_s)
+    result = run_main(capsys, "--compare", str(folder_a), str(folder_b), "--json")
+    report = json.loads(result.stdout)
+    loss_ref = stats.ttest_ind(SEED_RECORD_LOSSES, SEED_BASELINE_LOSSES, equal_var=False)
+    time_ref = stats.ttest_ind(SEED_RECORD_TIMES, SEED_BASELINE_TIMES, equal_var=False)
+    assert report["welch"]["loss"]["p"] == pytest.approx(loss_ref.pvalue, rel=1e-6)
+    assert report["welch"]["loss"]["df"] == pytest.approx(loss_ref.df, rel=1e-6)
+    assert report["welch"]["time_s"]["p"] == pytest.approx(time_ref.pvalue, rel=1e-4)
+    assert report["welch"]["loss"]["diff_b_minus_a"] == pytest.approx(3.27771 - 3.2792, abs=1e-9)
+    assert result.returncode == (validate.EXIT_PASS if loss_ref.pvalue < 0.01 else validate.EXIT_FAIL)
+    text = run_main(capsys, "--compare", str(folder_a), str(folder_b)).stdout
+    assert "B - A=-0.00149" in text and "train time" in text
+
+
+def test_interaction_contrast_known_answer() -> None:
+    # cell means 1.1, 2.1, 3.1, 5.1; each cell var 0.02 with n=2 -> SE^2 = 4 * 0.01, df = 0.04^2 / (4 * 0.01^2) = 4
+    cells = [[1.0, 1.2], [2.0, 2.2], [3.0, 3.2], [5.0, 5.2]]
+    result = validate.interaction_contrast(cells)
+    assert result["contrast"] == pytest.approx((2.1 - 5.1) - (1.1 - 3.1))
+    assert result["se"] == pytest.approx(0.2)
+    assert result["df"] == pytest.approx(4.0)
+    t_975_4 = 2.7764451051977987  # Student t quantile, 97.5%, 4 degrees of freedom
+    assert result["ci"] == pytest.approx([-1 - t_975_4 * 0.2, -1 + t_975_4 * 0.2])
+
+
+def test_interaction_contrast_unequal_cells_welch_satterthwaite() -> None:
+    cells = [[1.0, 1.1, 1.3], [2.0, 2.4], [0.5, 0.6, 0.9, 0.7], [1.0, 1.0, 1.6]]
+    errors = [stats.tvar(c) / len(c) for c in cells]
+    df = sum(errors) ** 2 / sum(e ** 2 / (len(c) - 1) for e, c in zip(errors, cells))
+    result = validate.interaction_contrast(cells)
+    assert result["df"] == pytest.approx(df)
+    assert result["se"] == pytest.approx(math.sqrt(sum(errors)))
+    half = stats.t.ppf(0.975, df) * math.sqrt(sum(errors))
+    assert result["ci"][1] - result["ci"][0] == pytest.approx(2 * half)
+    with pytest.raises(ValueError):
+        validate.interaction_contrast([[1.0], [2.0, 2.1], [3.0, 3.1], [4.0, 4.1]])
+
+
+def test_by_factorial_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = {("derf", "adamw"): 3.40, ("derf", "muon"): 3.30, ("rmsnorm", "adamw"): 3.35, ("rmsnorm", "muon"): 3.28}
+    for (norm, optimizer), mean in base.items():
+        for seed, offset in enumerate((-0.001, 0.001)):
+            write_project_log(tmp_path / f"{norm}_{optimizer}_{seed}.txt", mean + offset, 100.0,
+                              config={"norm": norm, "optimizer": optimizer, "seed": seed})
+    write_public_log(tmp_path / "public.txt", 3.279, 130.0)
+    result = run_main(capsys, "--by", "NORM,OPTIMIZER", "--json", str(tmp_path))
+    report = json.loads(result.stdout)
+    assert [g["loss"]["n"] for g in report["groups"]] == [2, 2, 2, 2]
+    (entry,) = report["interactions"]
+    assert entry["label"] == "(derf - rmsnorm | optimizer=muon) - (derf - rmsnorm | optimizer=adamw)"
+    assert entry["contrast"] == pytest.approx((3.30 - 3.28) - (3.40 - 3.35), abs=1e-9)
+    assert entry["ci"][0] < entry["contrast"] < entry["ci"][1]
+    assert "public.txt" in result.stderr and "config" in result.stderr
+    assert result.returncode == validate.EXIT_PASS
+    assert "interaction contrasts" in run_main(capsys, "--by", "norm,Optimizer", str(tmp_path)).stdout
+
+
+def test_bad_logs_are_named_and_excluded(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for index, loss in enumerate([3.270, 3.271, 3.272]):
+        write_project_log(tmp_path / f"good_{index}.txt", loss, 100.0)
+    write_project_log(tmp_path / "truncated.txt", 3.27, 100.0, finished=False)
+    write_project_log(tmp_path / "diverged.txt", 3.27, 100.0, stopped=True)
+    write_public_log(tmp_path / "nan.txt", "nan", 100.0)
+    write_public_log(tmp_path / "public_truncated.txt", 3.27, 100.0, last=900)
+    (tmp_path / "notes.txt").write_text("not a log at all\n")
+    bad_final = write_project_log(tmp_path / "bad_final.txt", 3.27, 100.0)
+    bad_final.write_text(bad_final.read_text().replace('final: {"val_loss"', 'final: {"val_loss" 3.2'))
+    result = run_main(capsys, "--json", str(tmp_path))
+    report = json.loads(result.stdout)
+    reasons = {Path(e["path"]).name: e["reason"] for e in report["excluded"]}
+    assert set(reasons) == {"truncated.txt", "diverged.txt", "nan.txt", "public_truncated.txt", "notes.txt",
+                            "bad_final.txt"}
+    assert "did not finish" in reasons["truncated.txt"] and "1770/1770" in reasons["public_truncated.txt"]
+    assert "non-finite loss" in reasons["diverged.txt"] and "step 17" in reasons["diverged.txt"]
+    assert "non-finite val_loss" in reasons["nan.txt"]
+    assert "malformed `final:`" in reasons["bad_final.txt"]
+    for name in reasons:
+        assert f"excluded {tmp_path / name}" in result.stderr
+    assert report["groups"][0]["loss"]["n"] == 3
+    assert result.returncode == validate.EXIT_PASS
+
+
+def test_unusable_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_project_log(tmp_path / "truncated.txt", 3.27, 100.0, finished=False)
+    only_bad = run_cli(str(tmp_path))
+    assert only_bad.returncode == validate.EXIT_UNUSABLE
+    assert "0 usable run" in only_bad.stderr and str(tmp_path) in only_bad.stderr
+    missing = run_main(capsys, str(tmp_path / "nope.txt"))
+    assert missing.returncode == validate.EXIT_UNUSABLE and "nope.txt" in missing.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert validate.main([str(empty)]) == validate.EXIT_UNUSABLE
+    assert validate.main(["--alpha", "2", str(tmp_path)]) == validate.EXIT_UNUSABLE
+    assert validate.main([]) == validate.EXIT_UNUSABLE
+    with pytest.raises(SystemExit) as exit_info:
+        validate.main(["--compare", str(tmp_path)])
+    assert exit_info.value.code == 2
+
+
+def test_public_log_parsing(tmp_path: Path) -> None:
+    run = validate.parse_log(write_public_log(tmp_path / "old.txt", 3.2794, 200.0, old_format=True))
+    assert run.problem is None
+    assert (run.final_loss, run.final_step, run.train_time_ms) == (3.2794, 1770, 200000.0)
+    assert run.val_curve == [(0, 10.8258), (1770, 3.2794)]
+
+
+def test_code_lookalike_lines_are_ignored(tmp_path: Path) -> None:
+    run = validate.parse_log(write_project_log(tmp_path / "run.txt", 3.2777, 131.5, diagnostics=True))
+    assert run.problem is None
+    assert run.final_loss == 3.2777 and run.train_time_ms == pytest.approx(131500.0)
+    assert all(loss > 1 for _, loss in run.val_curve)
+    assert run.config["norm"] == "rmsnorm" and len(run.diagnostics) == 1
+
+
+def test_diagnostic_series() -> None:
+    series = validate.diagnostic_series([{"step": 250, "grad_norm": 1.5, "layers": [{"rms": 1.0}, {"rms": 3.0}]},
+                                         {"step": 500, "layers": [{"rms": 2.0, "flag": True}]}])
+    assert series == {"grad_norm": [(250, 1.5)], "layers.rms (mean)": [(250, 2.0), (500, 2.0)]}
+
+
+def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    for index, loss in enumerate([3.27, 3.28]):
+        write_project_log(tmp_path / f"{index}.txt", loss, 100.0)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert validate.main(["--plot", str(tmp_path / "out.png"), str(tmp_path)]) == validate.EXIT_UNUSABLE
+    assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_plot_with_matplotlib(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    for index, loss in enumerate([3.27, 3.28]):
+        write_project_log(tmp_path / f"{index}.txt", loss, 100.0, diagnostics=True)
+    out = tmp_path / "curves.png"
+    assert validate.main(["--plot", str(out), str(tmp_path)]) in (validate.EXIT_PASS, validate.EXIT_FAIL)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
