@@ -92,7 +92,8 @@ def mirror_download(mirror_dir: str | os.PathLike) -> DownloadFn:
 
 
 def download_shards(num_train_shards: int = DEFAULT_TRAIN_SHARDS, local_dir: str | os.PathLike = DEFAULT_DIR,
-                    download_fn: DownloadFn = hub_download, log: Callable[[str], None] = functools.partial(print, flush=True)) -> list[Path]:
+                    download_fn: DownloadFn = hub_download,
+                    log: Callable[[str], None] = functools.partial(print, flush=True)) -> list[Path]:
     """Make local_dir hold the val shard and the first num_train_shards train shards, each complete."""
     if not 0 <= num_train_shards <= TRAIN_SHARDS_AVAILABLE:
         raise ValueError(f"num_train_shards={num_train_shards}: expected 0..{TRAIN_SHARDS_AVAILABLE}")
