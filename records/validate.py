@@ -360,11 +360,12 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> None:
             label = name if position == 0 else None
             if run.val_curve:
                 steps, losses = zip(*run.val_curve)
-                axes[0][0].plot(steps, losses, color=colours(index % 10), label=label, alpha=0.8)
+                axes[0][0].plot(steps, losses, marker=".", color=colours(index % 10), label=label, alpha=0.8)
             for row, metric in enumerate(metrics, start=1):
                 if metric in per_run[id(run)]:
                     steps, values = zip(*per_run[id(run)][metric])
-                    axes[row][0].plot(steps, values, color=colours(index % 10), label=label, alpha=0.8)
+                    axes[row][0].plot(steps, values, marker=".", color=colours(index % 10), label=label,
+                                      alpha=0.8)
     axes[0][0].set(yscale="log", xlabel="step", ylabel="val loss", title="validation loss")
     for row, metric in enumerate(metrics, start=1):
         axes[row][0].set(xlabel="step", title=metric)
