@@ -86,7 +86,7 @@ def log_section(text: str) -> list[tuple[int, str]]:
     lines = text.splitlines()
     for index, line in enumerate(lines):
         if line.rstrip() == SEPARATOR:
-            return [(number + 1, line) for number, line in enumerate(lines) if number > index]
+            return list(enumerate(lines[index + 1:], start=index + 2))
     return list(enumerate(lines, start=1))
 
 
@@ -401,6 +401,9 @@ def record_report(inputs: Sequence[str], target: float, alpha: float) -> tuple[d
     report = {"mode": "record", "alpha": alpha, "groups": [group_report("all", runs)],
               "excluded": [{"path": str(r.path), "reason": r.problem} for r in excluded],
               "test": one_sample_test([r.final_loss for r in runs], target)}
+    if math.isnan(report["test"]["p"]):
+        raise InputError(f"all {len(runs)} final losses equal {runs[0].final_loss}, the target {target}; "
+                         "a t-test needs spread: add runs with other seeds")
     report["passed"] = report["test"]["p"] < alpha
     return report, {str(run.path): [run] for run in runs}
 
@@ -423,6 +426,8 @@ def compare_report(path_a: str, path_b: str, alpha: float) -> tuple[dict[str, An
 def by_report(inputs: Sequence[str], keys: Sequence[str], alpha: float) -> tuple[dict[str, Any], dict[str, list[Run]]]:
     """--by: runs grouped by config values, per-cell mean/std/n, and the 2x2 interaction contrasts."""
     runs, excluded = load_runs(inputs)
+    if not runs:
+        raise InputError(f"no usable run in {' '.join(inputs)}; see the warnings above for why each log was left out")
     cells, missing = group_by(runs, keys)
     if not cells:
         raise InputError(f"no usable run has config keys {', '.join(keys)}; --by needs this project's logs "
@@ -508,6 +513,8 @@ def report_text(report: dict[str, Any]) -> str:
                   f"losses {'differ' if report['passed'] else 'do not differ'} at alpha={report['alpha']}"]
     else:
         lines += by_text(report)
+    if "plot" in report:
+        lines.append(f"plot written to {report['plot']}")
     if report["excluded"]:
         lines.append(f"excluded {len(report['excluded'])} log(s): " + "; ".join(
             f"{e['path']} ({e['reason']})" for e in report["excluded"]))

@@ -195,6 +195,8 @@ def test_bad_logs_are_named_and_excluded(tmp_path: Path, capsys: pytest.CaptureF
     write_public_log(tmp_path / "nan.txt", "nan", 100.0)
     write_public_log(tmp_path / "public_truncated.txt", 3.27, 100.0, last=900)
     (tmp_path / "notes.txt").write_text("not a log at all\n")
+    with (tmp_path / "good_0.txt").open("a") as good:
+        good.write('diag: {"step": 2160, "layers": [\n')
     bad_final = write_project_log(tmp_path / "bad_final.txt", 3.27, 100.0)
     bad_final.write_text(bad_final.read_text().replace('final: {"val_loss"', 'final: {"val_loss" 3.2'))
     result = run_main(capsys, "--json", str(tmp_path))
@@ -209,9 +211,11 @@ def test_bad_logs_are_named_and_excluded(tmp_path: Path, capsys: pytest.CaptureF
     for name in reasons:
         assert f"excluded {tmp_path / name}" in result.stderr
     assert report["groups"][0]["loss"]["n"] == 3
+    assert "good_0.txt: line" in result.stderr and "diagnostics line skipped" in result.stderr
     assert result.returncode == validate.EXIT_PASS
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss occurred")
 def test_unusable_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_project_log(tmp_path / "truncated.txt", 3.27, 100.0, finished=False)
     only_bad = run_cli(str(tmp_path))
@@ -224,6 +228,10 @@ def test_unusable_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert validate.main([str(empty)]) == validate.EXIT_UNUSABLE
     assert validate.main(["--alpha", "2", str(tmp_path)]) == validate.EXIT_UNUSABLE
     assert validate.main([]) == validate.EXIT_UNUSABLE
+    for index in range(3):
+        write_project_log(empty / f"{index}.txt", 3.28, 100.0)
+    assert validate.main([str(empty)]) == validate.EXIT_UNUSABLE
+    assert "a t-test needs spread" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         validate.main(["--compare", str(tmp_path)])
     assert exit_info.value.code == 2
