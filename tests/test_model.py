@@ -1,0 +1,148 @@
+"""The model: the per-layer table, the attention mask, rotary/YaRN, and the step-0 loss."""
+
+import math
+
+import pytest
+import torch
+
+import train_gpt as T
+
+
+def hp(**overrides):
+    return T.parse_env({"PRESET": "test", **{k.upper(): str(v) for k, v in overrides.items()}}, False)[0]
+
+
+def test_layer_plan_at_12_is_record_48():
+    plan = T.layer_plan(12, 3)
+    assert [i for i, a in enumerate(plan.attn) if not a] == [0, 7]
+    assert [i for i, m in enumerate(plan.mlp) if not m] == [0]
+    windows = ["-" if not a else "L" if long else "S" for a, long in zip(plan.attn, plan.long_window)]
+    assert "".join(windows) == "-SSSLSS-SSSL"
+    assert {i: t for i, t in enumerate(plan.value_embed) if t is not None} == {1: 1, 2: 2, 9: 0, 10: 1, 11: 2}
+    assert (plan.skip_source, plan.skip_target, plan.backout_layer) == (4, 7, 8)
+
+
+@pytest.mark.parametrize("depth", [4, 6, 8, 16])
+def test_layer_plan_other_depths_are_consistent(depth):
+    plan = T.layer_plan(depth, 3)
+    assert len(plan.attn) == depth and not plan.attn[0] and not plan.mlp[0]
+    assert 0 < plan.skip_source < plan.skip_target < depth and plan.backout_layer < depth
+    assert all(plan.attn[i] for i, t in enumerate(plan.value_embed) if t is not None)
+    assert sum(plan.attn) >= 2
+
+
+def naive_mask(docs, window_blocks, block):
+    batch, seq = docs.shape
+    mask = torch.zeros(batch, 1, seq, seq, dtype=torch.bool)
+    for b in range(batch):
+        for q in range(seq):
+            for k in range(seq):
+                mask[b, 0, q, k] = (k <= q and docs[b, q] == docs[b, k] and q // block - k // block < window_blocks)
+    return mask
+
+
+@pytest.mark.parametrize("window_blocks", [1, 2, 5])
+def test_mask_equals_naive_per_position_loop(window_blocks):
+    gen = torch.Generator().manual_seed(window_blocks)
+    tokens = torch.randint(0, 100, (2, 48), generator=gen)
+    tokens[tokens < 15] = T.BOS_ID
+    docs = (tokens == T.BOS_ID).cumsum(1)
+    assert torch.equal(T.document_window_mask(docs, window_blocks, 8), naive_mask(docs, window_blocks, 8))
+
+
+def test_sdpa_attention_matches_explicit_softmax():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=gen) for _ in range(3))
+    docs = torch.tensor([[0] * 10 + [1] * 22])
+    out = T.sdpa_attention(q, k, v, docs, 2, 8, 0.1)
+    mask = naive_mask(docs, 2, 8)[0, 0]
+    scores = torch.einsum("qhd,khd->hqk", q[0], k[0]) * 0.1
+    expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v[0])
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_forward_matches_sdpa_on_cpu():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 256, 2, 32, generator=gen) for _ in range(3))
+    tokens = torch.randint(0, 100, (2, 256), generator=gen)
+    docs = (tokens < 3).cumsum(1)
+    flex = T.flex_attention(q, k, v, docs, 3, 64, 0.1)
+    torch.testing.assert_close(flex, T.sdpa_attention(q, k, v, docs, 3, 64, 0.1), rtol=2e-4, atol=2e-4)
+
+
+def test_rotary_tables_and_yarn():
+    rotary = T.Rotary(head_dim=32, max_seq_len=64, initial_window=3, block_tokens=128)
+    assert torch.equal(rotary.freqs[8:], torch.zeros(8))  # half the pairs do not rotate
+    assert rotary.freqs[0] == 1 and math.isclose(rotary.freqs[7].item(), 1 / 1024, rel_tol=1e-5)
+    assert rotary.cos.dtype == torch.bfloat16
+    before = rotary.freqs.clone()
+    rotary.grow_window(7)
+    assert math.isclose(rotary.scale_factor, 1 + 0.2 * math.log(7 / 3))
+    assert rotary.freqs[0] == before[0]  # fast rotations are kept
+    assert math.isclose(rotary.freqs[7].item(), before[7].item() * 3 / 7, rel_tol=1e-5)  # slow ones scaled by s
+    rotary.grow_window(5)  # shrinking is not a growth: nothing changes
+    assert rotary.window == 7
+    rotary.reset()
+    assert torch.equal(rotary.freqs, before) and rotary.scale_factor == 1.0
+
+
+def test_rotary_is_a_rotation_that_depends_on_relative_position():
+    rotary = T.Rotary(head_dim=16, max_seq_len=32, initial_window=2, block_tokens=16)
+    x = torch.randn(1, 32, 1, 16)
+    y = T.apply_rotary(x, rotary.cos.float(), rotary.sin.float())
+    # bf16 tables round cos and sin to ~3 significant digits, so norms hold to that precision
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=4e-3, atol=0)
+    q, k = torch.randn(16), torch.randn(16)
+    same = torch.stack([q, k] * 16)[None, :, None, :]  # q at even positions, k at odd ones
+    rotated = T.apply_rotary(same, rotary.cos.float(), rotary.sin.float())[0, :, 0]
+    dots = (rotated[0::2] * rotated[1::2]).sum(-1)  # q at 2i against k at 2i+1: offset 1 everywhere
+    torch.testing.assert_close(dots, dots[:1].expand_as(dots), rtol=2e-2, atol=2e-2)
+
+
+def test_step0_val_loss_is_ln_vocab():
+    model = T.GPT(hp())
+    idx = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        loss = model(idx, torch.roll(idx, -1, 1), reduction="mean")
+    assert abs(loss.item() - math.log(50304)) < 1e-4
+
+
+def test_forward_backward_reaches_every_parameter_but_zero_inits():
+    model = T.GPT(hp())
+    idx = torch.randint(0, 50257, (1, 64))
+    model(idx, torch.roll(idx, -1, 1)).backward()
+    # with the zero head only the head gets a gradient at step 0; nothing is NaN
+    assert model.lm_head.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    groups = model.param_groups()
+    assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+
+
+def test_fp8_reference_rounds_like_fp8():
+    x, w = torch.randn(16, 32), torch.randn(24, 32) * 0.01
+    out = T.fp8_linear_reference(x, w, math.sqrt(32) / 448, 2 ** -9, 1 / 448)
+    torch.testing.assert_close(out.float(), x @ w.T, rtol=0.15, atol=0.05)
+
+
+@pytest.mark.cuda
+def test_fp8_kernel_matches_cpu_twin():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs a CUDA GPU with sm90+")
+    x = torch.randn(256, 768, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(512, 768, device="cuda") * 0.01).bfloat16()
+    scales = (math.sqrt(768) / 448, 2 ** -9, 1 / 448)
+    fast = T.fp8_linear(x, w, *scales)
+    twin = T.fp8_linear_reference(x, w, *scales)
+    torch.testing.assert_close(fast.float(), twin.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_flex_attention_matches_sdpa_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 1024, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    docs = (torch.randint(0, 100, (1, 1024), device="cuda", generator=gen) < 2).cumsum(1)
+    torch.testing.assert_close(T.flex_attention(q, k, v, docs, 3, 128, 0.1),
+                               T.sdpa_attention(q, k, v, docs, 3, 128, 0.1), rtol=2e-2, atol=2e-2)

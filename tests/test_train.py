@@ -1,0 +1,99 @@
+"""End-to-end runs of the `test` preset: single process, and world size 2 with gloo under torchrun."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt as T
+
+REPO = Path(T.__file__).resolve().parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def run(cmd, env, timeout=300):
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def parse_log(path: Path) -> dict:
+    source, _, rest = path.read_text().partition("\n" + "=" * 100 + "\n")
+    lines = rest.splitlines()
+    config = json.loads(lines[0].removeprefix("config: "))
+    vals = [line for line in lines if " val_loss:" in line]
+    trains = [line for line in lines if " train_loss:" in line]
+    final = json.loads(lines[-1].removeprefix("final: "))
+    return dict(source=source, config=config, vals=vals, trains=trains, final=final, lines=lines)
+
+
+def value(line: str, key: str) -> float:
+    return float(line.split(f"{key}:")[1].split()[0].removesuffix("ms"))
+
+
+@pytest.mark.slow
+def test_test_preset_run_loss_falls_and_log_parses(run_env, tmp_path):
+    env = {**run_env, "OPTIMIZER": "adamw", "NUM_ITERATIONS": "24", "VAL_EVERY": "12", "RUN_TAG": "e2e"}
+    out = run([sys.executable, "train_gpt.py"], env)
+    logs = list((tmp_path / "logs").glob("*_e2e_*.txt"))
+    assert len(logs) == 1
+    log = parse_log(logs[0])
+    assert log["source"] == (REPO / "train_gpt.py").read_text()
+    assert log["config"]["optimizer"] == "adamw" and log["config"]["world_size"] == 1
+    assert {"device", "torch_version", "git_commit", "num_iterations"} <= set(log["config"])
+    assert [line.split()[0] for line in log["vals"]] == ["step:0/24", "step:12/24", "step:24/24"]
+    first, last = value(log["vals"][0], "val_loss"), value(log["vals"][-1], "val_loss")
+    assert abs(first - math.log(50304)) < 1e-4
+    assert last < first - 1.0
+    assert len(log["trains"]) == 24
+    assert log["lines"][-2].startswith("peak memory allocated: ") and log["lines"][-2].endswith(" MiB")
+    assert log["final"]["status"] == "complete" and log["final"]["step"] == 24
+    assert abs(log["final"]["val_loss"] - last) < 1e-4
+    assert "step:24/24 val_loss:" in out.stdout
+
+
+@pytest.mark.slow
+def test_distadam_world2_equals_world1(run_env, tmp_path):
+    env = {**run_env, "OPTIMIZER": "adamw"}
+    run([sys.executable, "tests/dist_worker.py", str(tmp_path / "w1.pt"), "4"], env)
+    run(TORCHRUN + ["tests/dist_worker.py", str(tmp_path / "w2.pt"), "4"], env)
+    one, two = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
+    for name, p in one["params"].items():
+        # the moments are bf16 in both runs; the gradients are averaged in a different order
+        torch.testing.assert_close(two["params"][name], p, rtol=2e-2, atol=2e-3, msg=name)
+    assert one["params"]["embed.weight"].sub(T.GPT(T.parse_env({"PRESET": "test"}, False)[0]).embed.weight).abs().max() > 0
+    for a, b in zip(one["losses"], two["losses"]):
+        assert abs(a - b) < 1e-3
+
+
+@pytest.mark.slow
+def test_world2_run_writes_one_log_by_rank0(run_env, tmp_path):
+    env = {**run_env, "OPTIMIZER": "adamw", "NUM_ITERATIONS": "4", "RUN_TAG": "w2"}
+    run(TORCHRUN + ["train_gpt.py"], env)
+    logs = list((tmp_path / "logs").iterdir())
+    assert len(logs) == 1
+    log = parse_log(logs[0])
+    assert log["config"]["world_size"] == 2
+    assert len([line for line in log["lines"] if line.startswith("step:4/4 val_loss:")]) == 1
+    assert log["final"]["status"] == "complete"
+
+
+def test_nonfinite_loss_stops_with_step_and_last_finite_loss(run_env, tmp_path, monkeypatch):
+    hp, launch = T.parse_env({**run_env, "OPTIMIZER": "adamw", "NUM_ITERATIONS": "6", "RUN_TAG": "nan"}, False)
+    device = torch.device("cpu")
+    state = T.setup(T.resolve_auto(hp, device), launch, device)
+    real_step = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda s, step: float("nan") if step == 2 else real_step(s, step))
+    log = T.RunLog(state.hp, launch, device)
+    assert T.train(state, log) == 1
+    log.close()
+    lines = log.path.read_text().splitlines()
+    stopped = json.loads(lines[-1].removeprefix("stopped: "))
+    assert stopped["reason"] == "non-finite train_loss" and stopped["step"] == 3
+    last_train = [line for line in lines if "train_loss:" in line][-1]
+    assert last_train.startswith("step:2/6") and abs(value(last_train, "train_loss") - stopped["last_finite_loss"]) < 1e-4
+    assert not any(line.startswith("final:") for line in lines)

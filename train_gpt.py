@@ -1,0 +1,1295 @@
+"""GPT speedrun trainer: a 124M-class GPT on GPT-2-tokenized FineWeb to val loss 3.28, in one file.
+
+Launch recipes (every hyperparameter is an env var of its upper-case field name, see Hyperparameters):
+
+    ./run.sh                                                  # sets up, then picks one of the lines below
+    python train_gpt.py                                       # CPU: the `cpu` preset on the embedded corpus
+    python train_gpt.py                                       # 1 GPU: the `speedrun` preset, 8x grad accumulation
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # 8 GPUs: the speedrun (record #48 config)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_gpt.py  # 2 nodes
+    NORM=derf OPTIMIZER=adamw torchrun --standalone --nproc_per_node=8 train_gpt.py   # an ablation
+    PRESET=test NUM_ITERATIONS=20 python train_gpt.py         # the tiny shapes the tests use
+
+Every run writes logs/<UTC timestamp>_<tag>_<run id>.txt (rank 0 only): this source, a `config:` json line, the
+speedrun step lines, peak memory and a `final:` json line. `python records/validate.py logs/` tests a set of runs.
+
+Sections, in order: hyperparameters, distributed, kernels, optimizers, norms, model, data, logging, training loop,
+main. Importing this file runs nothing: no CUDA, no network, no file writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import glob
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+import typing
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---- hyperparameters ----
+
+BOS_ID = 50256  # GPT-2's <|endoftext|>, which starts every document in the shards
+GPT2_VOCAB = 50257
+
+
+class ConfigError(ValueError):
+    """A bad env override or an inconsistent configuration; main() prints it and exits with code 2."""
+
+
+def _hp(default, help: str, choices: Sequence[str] | None = None, check: Callable | None = None,
+        rule: str = ""):
+    """A Hyperparameters field with its help text, allowed choices and a validity check (with its rule in words)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "check": check, "rule": rule})
+
+
+_positive = (lambda v: v > 0, "a number > 0")
+_non_negative = (lambda v: v >= 0, "a number >= 0")
+_fraction = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+_positive_all = (lambda v: len(v) > 0 and all(x > 0 for x in v), "a comma-separated list of numbers > 0")
+_positive_each = (lambda v: all(x > 0 for x in v), "a comma-separated list (may be empty) of numbers > 0")
+
+
+@dataclass
+class Hyperparameters:
+    """The only config. Every field is overridable by the env var of its upper-case name (NUM_ITERATIONS=50).
+
+    Defaults below are the `speedrun` preset (record #48); PRESETS holds what the `cpu` and `test` presets change.
+    Fields typed `bool | None` are "auto" when None: resolved from the hardware in resolve_auto().
+    """
+
+    preset: str = _hp("speedrun", "defaults to start from", choices=("speedrun", "cpu", "test"))
+    train_files: str = _hp("data/fineweb10B/fineweb_train_*.bin", "glob of training shards")
+    val_files: str = _hp("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards")
+    log_dir: str = _hp("logs", "folder for the run's log file")
+    run_tag: str = _hp("", "tag in the log file name (default: the preset)")
+    seed: int = _hp(0, "seed of the model init (the data order is fixed, as in the speedrun)")
+    # model
+    vocab_size: int = _hp(50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128",
+                          check=(lambda v: v >= GPT2_VOCAB, f"an integer >= {GPT2_VOCAB}"))
+    num_layers: int = _hp(12, "transformer layers (the per-layer table is derived from it)",
+                          check=(lambda v: v >= 2, "an integer >= 2"))
+    model_dim: int = _hp(768, "residual width", check=_positive)
+    num_heads: int = _hp(6, "attention heads", check=_positive)
+    head_dim: int = _hp(128, "width of one head (num_heads * head_dim must equal model_dim)",
+                        check=(lambda v: v > 0 and v % 4 == 0, "a multiple of 4"))
+    mlp_ratio: int = _hp(4, "MLP hidden width / model_dim", check=_positive)
+    gate_input_dim: int = _hp(12, "leading residual channels read by the smear and attention gates", check=_positive)
+    num_value_embeds: int = _hp(3, "value-embedding tables", check=_positive)
+    logit_cap: float = _hp(30.0, "logits = cap * sigmoid(logits / temperature)", check=_positive)
+    logit_temperature: float = _hp(7.5, "see logit_cap", check=_positive)
+    attn_scale: float = _hp(0.1, "attention softmax scale (instead of 1/sqrt(head_dim))", check=_positive)
+    window_block_tokens: int = _hp(128, "attention windows are counted in blocks of this many tokens",
+                                   check=_positive)
+    long_windows: tuple[int, ...] = _hp((3, 7, 11), "long window (blocks) in each third of the scheduled steps",
+                                        check=_positive_all)
+    extension_window: int = _hp(13, "long window in the extension steps", check=_positive)
+    final_window: int = _hp(20, "long window for the final validation", check=_positive)
+    fp8: bool | None = _hp(None, "FP8 lm_head matmul in training (auto: on with CUDA sm90+)")
+    # data and schedule
+    seq_len: int = _hp(2048, "tokens in one row of a micro-batch", check=_positive)
+    micro_batch_rows: int = _hp(1, "rows per rank per accumulation step", check=_positive)
+    batch_schedule: tuple[int, ...] = _hp((131072, 262144, 393216), "global batch tokens in each third",
+                                          check=_positive_all)
+    num_iterations: int = _hp(2160, "optimizer steps, extension included", check=_positive)
+    extension_iterations: int = _hp(40, "steps after the schedule at the final lr", check=_non_negative)
+    val_every: int = _hp(250, "validate every this many steps (0: only at the start and the end)",
+                         check=_non_negative)
+    val_tokens: int = _hp(10485760, "validation tokens", check=_positive)
+    train_log_every: int = _hp(1, "write a train_loss line every this many steps", check=_positive)
+    warmup: bool = _hp(True, "run the step on every schedule phase, then restore state and start the clock")
+    compile: bool | None = _hp(None, "torch.compile the model (auto: on with CUDA)")
+    # learning-rate schedule (x = step / scheduled steps)
+    lr_boosts: tuple[float, ...] = _hp((1.0, 1.51, 1.93), "peak lr multiplier in each third", check=_positive_all)
+    lr_boost_at: tuple[float, ...] = _hp((0.33, 0.66), "x where the next lr boost starts", check=_positive_each)
+    cooldown_frac: float = _hp(0.55, "last fraction of the schedule that decays linearly",
+                               check=(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    final_lr_frac: float = _hp(0.1, "lr multiplier at the end of the decay and in the extension",
+                               check=_non_negative)
+    # DistAdam: embeddings, value embeddings, scalars, head
+    adam_lr: float = _hp(0.008, "DistAdam base lr", check=_positive)
+    adam_beta1: float = _hp(0.65, "DistAdam beta1", check=_fraction)
+    adam_beta2: float = _hp(0.95, "DistAdam beta2", check=_fraction)
+    adam_eps: float = _hp(1e-8, "DistAdam eps", check=_positive)
+    adam_wd: float = _hp(0.0, "DistAdam decoupled weight decay", check=_non_negative)
+    embed_lr_mul: float = _hp(75.0, "lr_mul of the embedding and value embeddings", check=_positive)
+    scalar_lr_mul: float = _hp(5.0, "lr_mul of the scalars", check=_positive)
+    head_lr_mul: float = _hp(1.0, "lr_mul of lm_head", check=_positive)
+    adam_step_every: int = _hp(2, "Adam groups step every this many steps, on the summed gradients", check=_positive)
+    adamw_matrix_lr: float = _hp(0.002, "OPTIMIZER=adamw: DistAdam lr of the hidden matrices and gates",
+                                 check=_positive)
+    # matrix optimizer
+    optimizer: str = _hp("normuon", "optimizer of the hidden matrices and gates",
+                         choices=("normuon", "muon", "adamw"))
+    ortho: str = _hp("polar", "orthogonalization: Polar Express or Newton-Schulz quintic", choices=("polar", "ns5"))
+    cwd: bool = _hp(True, "cautious weight decay (off: plain decoupled decay)")
+    muon_lr: float = _hp(0.023, "NorMuon/Muon lr", check=_positive)
+    muon_momentum: float = _hp(0.95, "momentum after warmup", check=_fraction)
+    muon_momentum_start: float = _hp(0.85, "momentum at step 0 and at the end of the cooldown", check=_fraction)
+    momentum_warmup_steps: int = _hp(300, "steps of linear momentum warmup", check=_non_negative)
+    momentum_cooldown_steps: int = _hp(50, "last steps of linear momentum cooldown", check=_non_negative)
+    muon_wd: float = _hp(1.2, "NorMuon weight decay (scaled by lr)", check=_non_negative)
+    normuon_beta2: float = _hp(0.95, "beta2 of NorMuon's second-moment buffer", check=_fraction)
+    c_proj_lr_mul: float = _hp(2.0, "lr_mul of the MLP output matrix", check=_positive)
+    # normalization
+    norm: str = _hp("rmsnorm", "block and final normalization", choices=("rmsnorm", "dyt", "derf", "derf_ema"))
+    norm_alpha: float = _hp(0.5, "initial alpha of DyT/Derf", check=_positive)
+    norm_ema: float = _hp(0.9, "lambda of the Derf EMA-blend scale", check=_fraction)
+    diagnostics: bool = _hp(False, "per-layer diagnostics at each validation")
+
+    @property
+    def scheduled_iterations(self) -> int:
+        return self.num_iterations - self.extension_iterations
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "speedrun": {},
+    "cpu": dict(
+        train_files="data/embedded/train_*.bin", val_files="data/embedded/val_*.bin",
+        num_layers=4, model_dim=256, num_heads=2, seq_len=512, micro_batch_rows=4,
+        batch_schedule=(4096,), long_windows=(4,), extension_window=4, final_window=4,
+        num_iterations=300, extension_iterations=0, val_every=50, val_tokens=131072,
+        lr_boosts=(1.0,), lr_boost_at=(), train_log_every=10, adam_step_every=1, warmup=False,
+        momentum_warmup_steps=50, momentum_cooldown_steps=10,
+    ),
+    "test": dict(
+        train_files="", val_files="",
+        num_layers=4, model_dim=32, num_heads=1, head_dim=32, seq_len=64, micro_batch_rows=1,
+        batch_schedule=(128,), long_windows=(2,), extension_window=2, final_window=2, window_block_tokens=16,
+        num_iterations=8, extension_iterations=0, val_every=4, val_tokens=1024,
+        lr_boosts=(1.0,), lr_boost_at=(), adam_step_every=1, warmup=False,
+        momentum_warmup_steps=4, momentum_cooldown_steps=2,
+    ),
+}
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_value(name: str, raw: str, kind: object) -> object:
+    """Parses one env value by the field's type; raises ConfigError naming the variable, value and what it takes."""
+    text = raw.strip()
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{name}={raw}: expected {expected}")
+    if kind is bool or kind == (bool | None):
+        lowered = text.lower()
+        if kind != bool and lowered == "auto":
+            return None
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        fail("one of " + ", ".join(_TRUE + _FALSE) + ("" if kind is bool else ", auto"))
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            fail("an integer")
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            fail("a number")
+        if not math.isfinite(value):
+            fail("a finite number")
+        return value
+    if kind is str:
+        return text
+    item = typing.get_args(kind)[0]
+    try:
+        return tuple(item(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        fail(f"a comma-separated list of {item.__name__}s")
+
+
+def env_name(field_name: str) -> str:
+    return field_name.upper()
+
+
+def _check_field(f: dataclasses.Field, value: object) -> None:
+    name = env_name(f.name)
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name}={value}: expected one of {', '.join(choices)}")
+    check = f.metadata.get("check")
+    if check is not None and value is not None:
+        predicate, rule = check
+        if not predicate(value):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ConfigError(f"{name}={shown}: expected {rule}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job, from torchrun's env (a plain `python train_gpt.py` is rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
+def parse_env(environ: Mapping[str, str], cuda_available: bool | None = None) -> tuple[Hyperparameters, Launch]:
+    """The one place that reads the environment: hyperparameter overrides and torchrun's RANK/WORLD_SIZE."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    hints = typing.get_type_hints(Hyperparameters)
+    by_name = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+    preset = environ.get("PRESET", "speedrun" if cuda_available else "cpu").strip()
+    _check_field(by_name["preset"], preset)
+    values: dict[str, object] = {**PRESETS[preset], "preset": preset}
+    for name, f in by_name.items():
+        raw = environ.get(env_name(name))
+        if raw is not None and name != "preset":
+            values[name] = _parse_value(env_name(name), raw, hints[name])
+    hp = Hyperparameters(**values)
+    for f in dataclasses.fields(hp):
+        _check_field(f, getattr(hp, f.name))
+    launch = Launch(*(_parse_launch(environ, key, default) for key, default in
+                      (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
+    check_consistency(hp, launch.world_size)
+    return hp, launch
+
+
+def _parse_launch(environ: Mapping[str, str], key: str, default: int) -> int:
+    raw = environ.get(key)
+    if raw is None:
+        return default
+    value = _parse_value(key, raw, int)
+    if value < (1 if key == "WORLD_SIZE" else 0):
+        raise ConfigError(f"{key}={raw}: expected a valid torchrun value; launch with torchrun or unset it")
+    return value
+
+
+def check_consistency(hp: Hyperparameters, world_size: int) -> None:
+    """Checks that span fields; a world size that does not divide the global batch is an error, never a change."""
+    if hp.num_heads * hp.head_dim != hp.model_dim:
+        raise ConfigError(f"NUM_HEADS={hp.num_heads} * HEAD_DIM={hp.head_dim} != MODEL_DIM={hp.model_dim}: "
+                          "set them so that the product equals the model width")
+    if hp.gate_input_dim > hp.model_dim:
+        raise ConfigError(f"GATE_INPUT_DIM={hp.gate_input_dim}: expected at most MODEL_DIM={hp.model_dim}")
+    if hp.extension_iterations >= hp.num_iterations:
+        raise ConfigError(f"EXTENSION_ITERATIONS={hp.extension_iterations}: expected fewer than "
+                          f"NUM_ITERATIONS={hp.num_iterations}")
+    if len(hp.lr_boosts) != len(hp.lr_boost_at) + 1:
+        raise ConfigError(f"LR_BOOSTS has {len(hp.lr_boosts)} values: expected one more than LR_BOOST_AT "
+                          f"({len(hp.lr_boost_at)} values)")
+    row_tokens = hp.seq_len * hp.micro_batch_rows * world_size
+    for batch in hp.batch_schedule:
+        if batch % row_tokens:
+            raise ConfigError(
+                f"BATCH_SCHEDULE={','.join(map(str, hp.batch_schedule))}: {batch} tokens is not a multiple of "
+                f"world size {world_size} * MICRO_BATCH_ROWS={hp.micro_batch_rows} * SEQ_LEN={hp.seq_len} = "
+                f"{row_tokens}; use a world size that divides the batch or change these values")
+    if hp.val_tokens < hp.seq_len:
+        raise ConfigError(f"VAL_TOKENS={hp.val_tokens}: expected at least SEQ_LEN={hp.seq_len}")
+
+
+def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
+    """Fills the `auto` (None) fields from the hardware: FP8 on sm90+, compile on CUDA."""
+    on_cuda = device.type == "cuda"
+    fp8 = hp.fp8 if hp.fp8 is not None else (on_cuda and torch.cuda.get_device_capability(device) >= (9, 0))
+    if fp8 and not on_cuda:
+        raise ConfigError("FP8=1: the FP8 lm_head needs a CUDA GPU (sm90+); set FP8=0 on this machine")
+    compile_model = hp.compile if hp.compile is not None else on_cuda
+    return dataclasses.replace(hp, fp8=fp8, compile=compile_model)
+
+
+def help_text() -> str:
+    """One line per flag with its speedrun default, for `python train_gpt.py --help`."""
+    lines = ["Env flags (speedrun defaults; PRESET=cpu|test change some, see PRESETS):"]
+    for f in dataclasses.fields(Hyperparameters):
+        default = "auto" if f.default is None else f.default
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata.get("choices") else ""
+        lines.append(f"  {env_name(f.name):24} {str(default):36} {f.metadata['help']}{choices}")
+    return "\n".join(lines)
+
+
+# ---- distributed ----
+
+
+def init_distributed(launch: Launch) -> torch.device:
+    """Picks the device and, for world size > 1, joins the process group (NCCL on CUDA, gloo on CPU)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", launch.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if launch.world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, **kwargs)
+    return device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """In-place mean over ranks (nothing at world size 1)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.AVG)
+    return tensor
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ---- kernels ----
+
+
+def document_window_mask(docs: Tensor, window_blocks: int, block_tokens: int) -> Tensor:
+    """Boolean attention mask (B, 1, T, T) from per-token document ids docs (B, T).
+
+    Query q may see key k when k <= q (causal), both lie in one document (never across a BOS boundary), and
+    q's block minus k's block is below window_blocks (a sliding window counted in blocks of block_tokens, as the
+    FlexAttention block mask of the speedrun).
+    """
+    positions = torch.arange(docs.size(1), device=docs.device)
+    q, k = positions[:, None], positions[None, :]
+    allowed = (k <= q) & ((q // block_tokens - k // block_tokens) < window_blocks)
+    same_doc = docs[:, :, None] == docs[:, None, :]
+    return (allowed[None] & same_doc)[:, None]
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, window_blocks: int, block_tokens: int,
+                   scale: float) -> Tensor:
+    """Portable attention: SDPA with the explicit mask. q, k, v: (B, T, H, D) -> (B, T, H, D)."""
+    mask = document_window_mask(docs, window_blocks, block_tokens)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, window_blocks: int, block_tokens: int,
+                   scale: float) -> Tensor:
+    """CUDA attention: FlexAttention with a block mask equal to document_window_mask. Shapes as sdpa_attention."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False) if q.is_cuda else flex
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        in_window = (q_idx // block_tokens - kv_idx // block_tokens) < window_blocks
+        return (kv_idx <= q_idx) & in_window & (docs[b, q_idx] == docs[b, kv_idx])
+
+    batch, seq = docs.shape
+    block_mask = create_block_mask(mask_mod, batch, None, seq, seq, device=docs.device)
+    out = _compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, window_blocks: int, block_tokens: int,
+              scale: float) -> Tensor:
+    """The one place that picks the attention kernel: FlexAttention on CUDA, SDPA with a mask elsewhere
+    (FlexAttention has no backward on CPU)."""
+    kernel = flex_attention if q.is_cuda else sdpa_attention
+    return kernel(q, k, v, docs, window_blocks, block_tokens, scale)
+
+
+FP8_X_SCALE_NUMERATOR = 448.0  # e4m3's largest normal value; x scale = sqrt(model_dim) / 448
+FP8_W_SCALE = 2.0 ** -9
+FP8_GRAD_SCALE = 1.0 / 448
+
+
+def fp8_quantize(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """t / scale rounded to an FP8 dtype (values beyond its range saturate, as the speedrun's casts)."""
+    limit = torch.finfo(dtype).max
+    return (t.float() / scale).clamp(-limit, limit).to(dtype)
+
+
+class _FP8Linear(torch.autograd.Function):
+    """x @ w^T with both operands in float8_e4m3fn and the incoming gradient in float8_e5m2 (CUDA, sm90+).
+
+    torch._scaled_mm wants its first operand row-major and its second column-major, hence the .T dance.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -> Tensor:
+        x_f8 = fp8_quantize(x, x_scale, torch.float8_e4m3fn)
+        w_f8 = fp8_quantize(w, w_scale, torch.float8_e4m3fn)
+        ctx.save_for_backward(x_f8, w_f8)
+        ctx.scales = (x_scale, w_scale, grad_scale)
+        ctx.w_dtype = w.dtype
+        one = lambda s: torch.tensor(s, dtype=torch.float32, device=x.device)
+        return torch._scaled_mm(x_f8, w_f8.T, scale_a=one(x_scale), scale_b=one(w_scale), out_dtype=torch.bfloat16,
+                                use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_f8, w_f8 = ctx.saved_tensors
+        x_scale, w_scale, grad_scale = ctx.scales
+        one = lambda s: torch.tensor(s, dtype=torch.float32, device=grad.device)
+        g_f8 = fp8_quantize(grad, grad_scale, torch.float8_e5m2)
+        grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=one(grad_scale), scale_b=one(w_scale),
+                                  out_dtype=torch.bfloat16, use_fast_accum=False)
+        grad_w = torch._scaled_mm(g_f8.T.contiguous(), x_f8.T.contiguous().T, scale_a=one(grad_scale),
+                                  scale_b=one(x_scale), out_dtype=torch.float32, use_fast_accum=False)
+        return grad_x.to(grad.dtype), grad_w.to(ctx.w_dtype), None, None, None
+
+
+def fp8_linear_reference(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -> Tensor:
+    """CPU twin of the FP8 head: the same FP8 rounding of x and w, matmul in fp32 (gradients not quantized)."""
+    x_q = fp8_quantize(x, x_scale, torch.float8_e4m3fn).float() * x_scale
+    w_q = fp8_quantize(w, w_scale, torch.float8_e4m3fn).float() * w_scale
+    return (x_q @ w_q.T).to(torch.bfloat16)
+
+
+def fp8_linear(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -> Tensor:
+    """FP8 x @ w^T for 2-D x (N, K) and w (M, K); the fast kernel on CUDA, the reference elsewhere."""
+    if x.is_cuda:
+        return _FP8Linear.apply(x, w, x_scale, w_scale, grad_scale)
+    return fp8_linear_reference(x, w, x_scale, w_scale, grad_scale)
+
+
+# ---- optimizers ----
+
+
+def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
+                beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One bias-corrected Adam step with decoupled weight decay, in place (Kingma & Ba; Loshchilov & Hutter).
+
+    param, grad: any shape, equal; exp_avg, exp_avg_sq: the same shape, any float dtype (bf16 in DistAdam); the
+    moments are updated in fp32 and stored back in their own dtype.
+    """
+    grad = grad.float()
+    m = exp_avg.float().lerp_(grad, 1 - beta1)
+    v = exp_avg_sq.float().lerp_(grad.square(), 1 - beta2)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    m_hat = m / (1 - beta1 ** step)
+    v_hat = v / (1 - beta2 ** step)
+    update = m_hat / (v_hat.sqrt() + eps)
+    if weight_decay:
+        param.mul_(1 - lr * weight_decay)
+    param.add_(update.to(param.dtype), alpha=-lr)
+
+
+class DistAdam(torch.optim.Optimizer):
+    """Adam whose state is sharded by rows over the ranks (ZeRO-1 style), the same code at every world size.
+
+    Each parameter's post-accumulate-grad hook, when `sync` is set for the backward pass, launches an async
+    reduce_scatter_tensor(AVG) of its gradient (rows padded to a multiple of the world size), so communication
+    overlaps the rest of the backward. step() waits per parameter, updates its own rows with bf16 moments, and
+    all-gathers the rows back. At world size 1 no collective is called and the hook does nothing.
+    Group keys: lr, lr_mul, schedule (the per-step multiplier set by the loop), betas, eps, weight_decay.
+    """
+
+    def __init__(self, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float = 0.0, state_dtype: torch.dtype = torch.bfloat16):
+        defaults = dict(lr=lr, lr_mul=1.0, schedule=1.0, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(param_groups, defaults)
+        self.world, self.rank = world_size(), rank()
+        self.state_dtype = state_dtype
+        self.sync = False
+        self._pending: dict[Tensor, tuple[dist.Work, Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _rows(self, p: Tensor) -> tuple[int, int, int]:
+        """(chunk, lo, hi): this rank owns rows lo:hi of p, chunk rows after padding to a multiple of world."""
+        chunk = -(-p.shape[0] // self.world)
+        lo = min(p.shape[0], self.rank * chunk)
+        return chunk, lo, min(p.shape[0], lo + chunk)
+
+    def _grad_ready(self, p: Tensor) -> None:
+        if self.sync and self.world > 1:
+            self._launch_reduce(p)
+
+    def _launch_reduce(self, p: Tensor) -> None:
+        chunk, _, _ = self._rows(p)
+        grad = p.grad
+        if grad.shape[0] != chunk * self.world:
+            grad = torch.cat([grad, grad.new_zeros((chunk * self.world - grad.shape[0],) + grad.shape[1:])])
+        out = grad.new_empty((chunk,) + grad.shape[1:])
+        work = dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
+        self._pending[p] = (work, out)
+
+    def _local_grad(self, p: Tensor) -> Tensor | None:
+        """This rank's rows of the rank-averaged gradient (the whole gradient at world size 1)."""
+        if self.world == 1:
+            return p.grad
+        if p not in self._pending:
+            if p.grad is None:
+                return None
+            self._launch_reduce(p)  # the hook did not fire with sync on: reduce now, correct if not overlapped
+        work, out = self._pending.pop(p)
+        work.wait()
+        return out
+
+    @torch.no_grad()
+    def step(self) -> None:
+        gathers = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr = group["lr"] * group["lr_mul"] * group["schedule"]
+            for p in group["params"]:
+                grad = self._local_grad(p)
+                if grad is None:
+                    continue
+                chunk, lo, hi = self._rows(p)
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros((chunk,) + p.shape[1:], dtype=self.state_dtype, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                state["step"] += 1
+                rows = hi - lo
+                adam_update(p.data[lo:hi], grad[:rows], state["exp_avg"][:rows], state["exp_avg_sq"][:rows],
+                            state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"])
+                if self.world > 1:
+                    gathers.append(self._launch_gather(p, chunk, lo, hi))
+        for work, p, full in gathers:
+            work.wait()
+            p.data.copy_(full[:p.shape[0]])
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def _launch_gather(self, p: Tensor, chunk: int, lo: int, hi: int) -> tuple[dist.Work, Tensor, Tensor]:
+        shard = p.data.new_zeros((chunk,) + p.shape[1:])
+        shard[:hi - lo] = p.data[lo:hi]
+        full = p.data.new_empty((chunk * self.world,) + p.shape[1:])
+        return dist.all_gather_into_tensor(full, shard, async_op=True), p, full
+
+
+def lr_multiplier(step: int, hp: Hyperparameters) -> float:
+    """The speedrun lr schedule: a boosted peak per third, linear decay over the last cooldown_frac, then flat."""
+    if step >= hp.scheduled_iterations:
+        return hp.final_lr_frac
+    x = step / hp.scheduled_iterations
+    peak = hp.lr_boosts[sum(x > at for at in hp.lr_boost_at)]
+    if x < 1 - hp.cooldown_frac:
+        return peak
+    w = (1 - x) / hp.cooldown_frac
+    return peak * w + hp.final_lr_frac * (1 - w)
+
+
+def muon_momentum(step: int, hp: Hyperparameters) -> float:
+    """Linear warmup from muon_momentum_start over the first steps, linear cooldown back over the last ones."""
+    start, peak = hp.muon_momentum_start, hp.muon_momentum
+    warm = min(1.0, step / hp.momentum_warmup_steps) if hp.momentum_warmup_steps else 1.0
+    momentum = start + (peak - start) * warm
+    steps_left = hp.num_iterations - step
+    if hp.momentum_cooldown_steps and steps_left < hp.momentum_cooldown_steps:
+        cool = steps_left / hp.momentum_cooldown_steps
+        momentum = start + (momentum - start) * cool
+    return momentum
+
+
+# ---- norms ----
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Parameter-free RMS norm over the last dim (eps: torch's default for the dtype)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """The record's block and final norm: parameter-free RMS norm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
+def make_norm(hp: Hyperparameters) -> nn.Module:
+    """The block/final norm that NORM selects."""
+    if hp.norm == "rmsnorm":
+        return RMSNorm()
+    raise ConfigError(f"NORM={hp.norm}: not built yet in this version; use NORM=rmsnorm")
+
+
+# ---- model ----
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which sublayers, window and value embedding each layer has, derived from depth in one place.
+
+    At 12 layers this is record #48's table: layer 0 empty, no attention in layer 7, long windows in layers 4 and
+    11, value embeddings (1, 2, 0, 1, 2) at layers 1, 2, 9, 10, 11, U-net skip 4 -> 7, backout after layer 8.
+    Other depths keep the same fractions of depth (4/12, 7/12, 8/12), rounded half up.
+    """
+
+    attn: tuple[bool, ...]
+    mlp: tuple[bool, ...]
+    long_window: tuple[bool, ...]
+    value_embed: tuple[int | None, ...]
+    skip_source: int
+    skip_target: int
+    backout_layer: int
+
+
+def layer_plan(num_layers: int, num_value_embeds: int) -> LayerPlan:
+    n = num_layers
+    at_fraction = lambda twelfths: int(n * twelfths / 12 + 0.5)
+    skip_source, skip_target, backout_layer = at_fraction(4), at_fraction(7), at_fraction(8)
+    attn = tuple(0 < i != skip_target for i in range(n))
+    value_embed: dict[int, int] = {}
+    for table, layer in enumerate(range(1, num_value_embeds)):
+        value_embed[layer] = table + 1
+    for table, layer in enumerate(range(n - num_value_embeds, n)):
+        value_embed[layer] = table
+    return LayerPlan(
+        attn=attn,
+        mlp=tuple(i > 0 for i in range(n)),
+        long_window=tuple(i in (skip_source, n - 1) for i in range(n)),
+        value_embed=tuple(value_embed.get(i) if attn[i] else None for i in range(n)),
+        skip_source=skip_source, skip_target=skip_target, backout_layer=backout_layer)
+
+
+def yarn_frequencies(freqs: Tensor, old_window: int, new_window: int, block_tokens: int) -> Tensor:
+    """YaRN rescaling of rotary frequencies when the attention window grows (Peng et al., arXiv 2309.00071).
+
+    Frequencies that turn more than 32 times over the old window are kept, those under once are scaled by
+    old/new, with a linear ramp between. freqs: (head_dim / 2,).
+    """
+    rotations = block_tokens * old_window * freqs / (2 * math.pi)
+    ramp = ((rotations - 1) / (32 - 1)).clamp(0, 1)
+    s = old_window / new_window
+    return freqs * (s + ramp * (1 - s))
+
+
+def yarn_attention_factor(old_window: int, new_window: int) -> float:
+    return 1 + 0.2 * math.log(new_window / old_window)
+
+
+class Rotary(nn.Module):
+    """Half-truncated rotary embedding: head_dim/4 frequencies (1/1024)**linspace(0, 1) then head_dim/4 zeros
+    (those pairs do not rotate); cos/sin tables in bf16; YaRN-rescaled as the long window grows."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, initial_window: int, block_tokens: int):
+        super().__init__()
+        quarter = head_dim // 4
+        base = (1 / 1024) ** torch.linspace(0, 1, quarter)
+        self.register_buffer("base_freqs", torch.cat([base, base.new_zeros(quarter)]), persistent=False)
+        self.register_buffer("freqs", self.base_freqs.clone(), persistent=False)
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2, dtype=torch.bfloat16), persistent=False)
+        self.register_buffer("sin", torch.empty_like(self.cos), persistent=False)
+        self.initial_window, self.block_tokens = initial_window, block_tokens
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.freqs.copy_(self.base_freqs)
+        self.window, self.scale_factor = self.initial_window, 1.0
+        self._fill_tables()
+
+    @torch.no_grad()
+    def grow_window(self, new_window: int) -> None:
+        if new_window <= self.window:
+            return
+        self.freqs.copy_(yarn_frequencies(self.freqs, self.window, new_window, self.block_tokens))
+        self.scale_factor *= yarn_attention_factor(self.window, new_window)
+        self.window = new_window
+        self._fill_tables()
+
+    def _fill_tables(self) -> None:
+        theta = torch.outer(torch.arange(self.cos.size(0), dtype=torch.float32, device=self.freqs.device), self.freqs)
+        self.cos.copy_(theta.cos())
+        self.sin.copy_(theta.sin())
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotates the pairs (x[..., i], x[..., i + D/2]). x: (B, T, H, D); cos, sin: (T, D/2)."""
+    cos, sin = cos[None, :x.size(1), None, :].type_as(x), sin[None, :x.size(1), None, :].type_as(x)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+@dataclass
+class AttnInputs:
+    """What every attention layer of one forward shares."""
+
+    docs: Tensor
+    cos: Tensor
+    sin: Tensor
+    scale: float
+    block_tokens: int
+
+
+class CausalSelfAttention(nn.Module):
+    """Attention with a fused fp32 qkvo_w (Q, K, V, O stacked on rows), QK RMS norm, half rotary, value
+    embeddings, scale attn_scale, and a sigmoid output gate per head read from the first gate_input_dim channels."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.num_heads, self.head_dim = hp.num_heads, hp.head_dim
+        width = hp.num_heads * hp.head_dim
+        bound = math.sqrt(3) * 0.5 / math.sqrt(hp.model_dim)
+        qkvo = torch.empty(4 * width, hp.model_dim).uniform_(-bound, bound)
+        qkvo[3 * width:].zero_()
+        self.qkvo_w = nn.Parameter(qkvo)
+        self.attn_gate = nn.Parameter(torch.zeros(hp.num_heads, hp.gate_input_dim))
+
+    def forward(self, x: Tensor, value_embed: Tensor | None, sa_lambdas: Tensor, window_blocks: int,
+                shared: AttnInputs) -> Tensor:
+        batch, seq, _ = x.shape
+        width = self.num_heads * self.head_dim
+        w = self.qkvo_w.type_as(x)
+        qkv = F.linear(x, w[:3 * width] * sa_lambdas[0].type_as(x))
+        q, k, v = qkv.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2)
+        q = apply_rotary(rms_norm(q), shared.cos, shared.sin)
+        k = apply_rotary(rms_norm(k), shared.cos, shared.sin)
+        if value_embed is not None:
+            v = v + value_embed.view_as(v)
+        y = attention(q, k, v, shared.docs, window_blocks, shared.block_tokens, shared.scale)
+        gate = torch.sigmoid(F.linear(x[..., :self.attn_gate.size(1)], self.attn_gate.type_as(x)))
+        y = (y * gate.unsqueeze(-1)).reshape(batch, seq, width)
+        return F.linear(y, w[3 * width:] * sa_lambdas[1].type_as(x))
+
+
+class MLP(nn.Module):
+    """relu(x @ c_fc^T)**2 @ c_proj, both stored (hidden, model_dim) in fp32; c_proj zero-init."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        hidden = hp.mlp_ratio * hp.model_dim
+        bound = math.sqrt(3) * 0.5 / math.sqrt(hp.model_dim)
+        self.c_fc = nn.Parameter(torch.empty(hidden, hp.model_dim).uniform_(-bound, bound))
+        self.c_proj = nn.Parameter(torch.zeros(hidden, hp.model_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = F.relu(F.linear(x, self.c_fc.type_as(x))).square()
+        return hidden @ self.c_proj.type_as(x)
+
+
+class Block(nn.Module):
+    """x = lambda_a * x + lambda_b * x0; x += attn(norm(x)); x += mlp(norm(x)) (each sublayer where the plan has it)."""
+
+    def __init__(self, hp: Hyperparameters, has_attn: bool, has_mlp: bool):
+        super().__init__()
+        self.attn = CausalSelfAttention(hp) if has_attn else None
+        self.attn_norm = make_norm(hp) if has_attn else None
+        self.mlp = MLP(hp) if has_mlp else None
+        self.mlp_norm = make_norm(hp) if has_mlp else None
+
+    def forward(self, x: Tensor, x0: Tensor, lambdas: Tensor, sa_lambdas: Tensor, value_embed: Tensor | None,
+                window_blocks: int, shared: AttnInputs) -> Tensor:
+        x = lambdas[0].type_as(x) * x + lambdas[1].type_as(x) * x0
+        if self.attn is not None:
+            x = x + self.attn(self.attn_norm(x), value_embed, sa_lambdas, window_blocks, shared)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    """Record #48's GPT: smeared embedding, value embeddings, U-net skip, backout, soft-capped zero-init head.
+
+    The scalars (block lambdas, sa_lambdas, skip weight, smear and backout lambdas) live in one fp32 vector,
+    `scalars`, laid out by `scalar_slices`. embed_dtype is the storage dtype of the embeddings and head (bf16 on
+    CUDA as the record; fp32 on CPU, where bf16 matmuls are slow); activations follow it.
+    """
+
+    def __init__(self, hp: Hyperparameters, embed_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.hp = hp
+        self.plan = layer_plan(hp.num_layers, hp.num_value_embeds)
+        n = hp.num_layers
+        self.embed = nn.Embedding(hp.vocab_size, hp.model_dim, dtype=embed_dtype)
+        self.value_embeds = nn.ModuleList(nn.Embedding(hp.vocab_size, hp.model_dim, dtype=embed_dtype)
+                                          for _ in range(hp.num_value_embeds))
+        self.smear_gate = nn.Parameter(torch.zeros(1, hp.gate_input_dim))
+        self.blocks = nn.ModuleList(Block(hp, self.plan.attn[i], self.plan.mlp[i]) for i in range(n))
+        self.final_norm = make_norm(hp)
+        self.lm_head = nn.Parameter(torch.zeros(hp.vocab_size, hp.model_dim, dtype=embed_dtype))
+        self.scalar_slices = {"lambdas": slice(0, 2 * n), "sa_lambdas": slice(2 * n, 4 * n),
+                              "skip": slice(4 * n, 4 * n + 1), "smear": slice(4 * n + 1, 4 * n + 2),
+                              "backout": slice(4 * n + 2, 4 * n + 3)}
+        scalars = torch.cat([torch.tensor([1.1, 0.0]).repeat(n), torch.tensor([0.5, 1.0]).repeat(n),
+                             torch.tensor([-1.5, 0.0, 0.5])])
+        self.scalars = nn.Parameter(scalars)
+        self.rotary = Rotary(hp.head_dim, hp.seq_len, hp.long_windows[0], hp.window_block_tokens)
+        self.long_window = hp.long_windows[0]
+
+    def set_long_window(self, window_blocks: int) -> None:
+        """Sets the long window (in blocks) for the next forwards; a growth YaRN-rescales the rotary."""
+        self.rotary.grow_window(window_blocks)
+        self.long_window = window_blocks
+
+    def reset_schedule_state(self) -> None:
+        self.rotary.reset()
+        self.long_window = self.hp.long_windows[0]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The model's parameters by optimizer role."""
+        blocks = list(self.blocks)
+        matrices = [b.attn.qkvo_w for b in blocks if b.attn] + [b.mlp.c_fc for b in blocks if b.mlp]
+        gates = [b.attn.attn_gate for b in blocks if b.attn] + [self.smear_gate]
+        norms = [b.attn_norm for b in blocks if b.attn] + [b.mlp_norm for b in blocks if b.mlp] + [self.final_norm]
+        norm_params = [p for norm in norms for p in norm.parameters()]
+        return {"embed": [self.embed.weight] + [e.weight for e in self.value_embeds],
+                "scalar": [self.scalars] + norm_params, "head": [self.lm_head],
+                "matrix": matrices + gates, "c_proj": [b.mlp.c_proj for b in blocks if b.mlp]}
+
+    def forward(self, idx: Tensor, targets: Tensor, reduction: str = "sum", fp8: bool = False) -> Tensor:
+        """Cross-entropy of the next-token prediction. idx, targets: (B, T) int64."""
+        hp, plan = self.hp, self.plan
+        scalars = {name: self.scalars[s] for name, s in self.scalar_slices.items()}
+        x = self.embed(idx)
+        gate = torch.sigmoid(F.linear(x[:, 1:, :hp.gate_input_dim], self.smear_gate.type_as(x)))
+        x = torch.cat([x[:, :1], x[:, 1:] + scalars["smear"].type_as(x) * gate * x[:, :-1]], dim=1)
+        x = x0 = rms_norm(x)
+        value_embeds = [table(idx) for table in self.value_embeds]
+        shared = AttnInputs(docs=(idx == BOS_ID).cumsum(1), cos=self.rotary.cos, sin=self.rotary.sin,
+                            scale=hp.attn_scale * self.rotary.scale_factor, block_tokens=hp.window_block_tokens)
+        windows = (self.long_window // 2, self.long_window)
+        skip = backout = None
+        for i, block in enumerate(self.blocks):
+            if block.attn is None and block.mlp is None:
+                continue
+            if i == plan.skip_target and skip is not None:
+                x = x + torch.sigmoid(scalars["skip"]).type_as(x) * skip
+            ve = value_embeds[plan.value_embed[i]] if plan.value_embed[i] is not None else None
+            x = block(x, x0, scalars["lambdas"][2 * i:2 * i + 2], scalars["sa_lambdas"][2 * i:2 * i + 2], ve,
+                      windows[plan.long_window[i]], shared)
+            if i == plan.skip_source:
+                skip = x
+            if i == plan.backout_layer:
+                backout = x
+        if backout is not None:
+            x = x - scalars["backout"].type_as(x) * backout
+        x = self.final_norm(x)
+        if fp8 and self.training:
+            logits = fp8_linear(x.flatten(0, 1), self.lm_head, math.sqrt(hp.model_dim) / FP8_X_SCALE_NUMERATOR,
+                                FP8_W_SCALE, FP8_GRAD_SCALE)
+        else:
+            logits = F.linear(x, self.lm_head.type_as(x))
+        logits = hp.logit_cap * torch.sigmoid(logits.float() / hp.logit_temperature)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+
+
+# ---- data ----
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+DATA_HINT = ("HINT: fetch FineWeb again with `python data/cached_fineweb10B.py`, or rebuild the embedded corpus with "
+             "`python data/build_corpus.py` (`./run.sh data` does the right one for this machine)")
+
+
+class ShardError(ValueError):
+    """A shard file that cannot be used: the message names the file, what is wrong and what to do."""
+
+
+def read_shard_header(path: str) -> int:
+    """Checks a shard's header and size (SPEC 7: 256 int32 header, then uint16 tokens); returns the token count."""
+    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
+    if header.size < SHARD_HEADER_INTS:
+        raise ShardError(f"{path}: shorter than the {SHARD_HEADER_INTS * 4}-byte header. {DATA_HINT}")
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC}; not a token shard. {DATA_HINT}")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: version {header[1]}, expected {SHARD_VERSION}. {DATA_HINT}")
+    num_tokens = int(header[2])
+    expected = SHARD_HEADER_INTS * 4 + 2 * num_tokens
+    actual = os.path.getsize(path)
+    if num_tokens < 0 or actual != expected:
+        raise ShardError(f"{path}: {actual} bytes, but its header promises {num_tokens} tokens = {expected} bytes "
+                         f"(truncated or padded). {DATA_HINT}")
+    return num_tokens
+
+
+def read_shard(path: str, vocab_size: int) -> np.ndarray:
+    """The tokens of a shard (uint16), after the header checks and a check that every id is below vocab_size."""
+    num_tokens = read_shard_header(path)
+    tokens = np.fromfile(path, dtype=np.uint16, offset=SHARD_HEADER_INTS * 4, count=num_tokens)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise ShardError(f"{path}: token id {int(tokens[bad])} at position {bad} is >= the vocab size {vocab_size}; "
+                         f"not a GPT-2 shard. {DATA_HINT}")
+    return tokens
+
+
+def find_shards(pattern: str, variable: str) -> list[str]:
+    """The files a TRAIN_FILES/VAL_FILES glob names, sorted, each with a valid header."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ShardError(f"{variable}={pattern}: no file matches. {DATA_HINT}, or point {variable} at your shards")
+    for path in files:
+        read_shard_header(path)
+    return files
+
+
+class TrainLoader:
+    """BOS-aligned training rows, the same global sequence of rows for every world size.
+
+    Every rank walks the same stream of row starts: a row starts at the next document start (BOS) if one lies
+    within seq_len tokens of the cursor, else at the cursor (inside a long document); it spans seq_len + 1 tokens
+    (inputs and shifted targets) and moves the cursor seq_len on. Row j of a step goes to rank j % world_size,
+    so a global batch is the same set of rows however it is split. The order is fixed (shards sorted, no
+    shuffling, as the speedrun); at the end of the files it starts over.
+    """
+
+    def __init__(self, files: list[str], seq_len: int, vocab_size: int, rank: int, world_size: int):
+        self.files, self.seq_len, self.vocab_size = files, seq_len, vocab_size
+        self.rank, self.world_size = rank, world_size
+        self._loaded: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.reset()
+        self._tokens(0)  # reads and checks the first shard now, before any training
+
+    def reset(self) -> None:
+        self.shard, self.cursor = 0, 0
+
+    def _tokens(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._loaded is None or self._loaded[0] != shard:
+            tokens = read_shard(self.files[shard], self.vocab_size)
+            self._loaded = (shard, tokens, np.flatnonzero(tokens == BOS_ID))
+        return self._loaded[1], self._loaded[2]
+
+    def _next_start(self) -> int:
+        for _ in range(2 * len(self.files) + 1):
+            tokens, bos = self._tokens(self.shard)
+            i = np.searchsorted(bos, self.cursor)
+            if i < bos.size and bos[i] - self.cursor < self.seq_len and bos[i] + self.seq_len < tokens.size:
+                return int(bos[i])
+            if self.cursor + self.seq_len < tokens.size:
+                return self.cursor
+            self.shard, self.cursor = (self.shard + 1) % len(self.files), 0
+        raise ShardError(f"{self.files}: no shard holds SEQ_LEN + 1 = {self.seq_len + 1} tokens; lower SEQ_LEN")
+
+    def next_rows(self, global_rows: int) -> Tensor:
+        """This rank's rows of the next global batch of global_rows rows: (global_rows / world, seq_len + 1)."""
+        rows = []
+        for j in range(global_rows):
+            start = self._next_start()
+            if j % self.world_size == self.rank:
+                tokens, _ = self._tokens(self.shard)
+                rows.append(tokens[start:start + self.seq_len + 1])
+            self.cursor = start + self.seq_len
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def load_val_rows(files: list[str], seq_len: int, val_tokens: int, vocab_size: int, rank: int,
+                  world_size: int) -> Tensor:
+    """This rank's validation rows: the first val_tokens of the val files cut into consecutive rows of seq_len
+    (+1 target token), row j to rank j % world_size. (val_tokens // seq_len rows, seq_len + 1)."""
+    parts, have = [], 0
+    for path in files:
+        if have > val_tokens:
+            break
+        parts.append(read_shard(path, vocab_size))
+        have += parts[-1].size
+    if have < val_tokens + 1:
+        raise ShardError(f"VAL_TOKENS={val_tokens}: the val files hold only {have} tokens; lower VAL_TOKENS "
+                         f"or add val shards")
+    stream = np.concatenate(parts)
+    starts = range(rank * seq_len, (val_tokens // seq_len) * seq_len, world_size * seq_len)
+    rows = [stream[s:s + seq_len + 1] for s in starts]
+    return torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.empty(0, seq_len + 1,
+                                                                                      dtype=torch.int64)
+
+
+# ---- logging ----
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunLog:
+    """Rank 0's log file logs/<UTC timestamp>_<tag>_<run id>.txt, flushed each line; other ranks write nothing.
+
+    Opens with this file's source and a line of '=' (the speedrun convention), then `config: {json}`.
+    """
+
+    def __init__(self, hp: Hyperparameters, launch: Launch, device: torch.device):
+        self.enabled = launch.rank == 0
+        self.file = None
+        if not self.enabled:
+            return
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        tag = hp.run_tag or hp.preset
+        Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(hp.log_dir) / f"{stamp}_{tag}_{uuid.uuid4().hex[:8]}.txt"
+        self.file = open(self.path, "x")
+        self.file.write(Path(__file__).read_text() + "\n" + "=" * 100 + "\n")
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        config.update(world_size=launch.world_size, device=device_name, torch_version=torch.__version__,
+                      python_version=sys.version.split()[0], git_commit=git_commit())
+        self.line("config: " + json.dumps(config), console=False)
+        print(f"logging to {self.path}", flush=True)
+
+    def line(self, text: str, console: bool = True, console_suffix: str = "") -> None:
+        if not self.enabled:
+            return
+        self.file.write(text + "\n")
+        self.file.flush()
+        if console:
+            print(text + console_suffix, flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def peak_memory_line(device: torch.device) -> str:
+    """The speedrun's memory line; on CPU both figures are the process's peak resident set size."""
+    if device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(device) // 2**20
+        reserved = torch.cuda.max_memory_reserved(device) // 2**20
+    else:
+        allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB"
+
+
+# ---- training loop ----
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
+    """The matrix optimizer (every step) and DistAdam for embeddings, scalars and head (every adam_step_every).
+
+    Each optimizer carries `step_every`; the loop steps it when (step + 1) % step_every == 0 and at the end.
+    """
+    groups = model.param_groups()
+    adam = DistAdam([dict(params=groups["embed"], lr_mul=hp.embed_lr_mul),
+                     dict(params=groups["scalar"], lr_mul=hp.scalar_lr_mul),
+                     dict(params=groups["head"], lr_mul=hp.head_lr_mul)],
+                    lr=hp.adam_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd)
+    adam.step_every = hp.adam_step_every
+    matrix_groups = [dict(params=groups["matrix"]), dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul)]
+    if hp.optimizer == "adamw":
+        matrices = DistAdam(matrix_groups, lr=hp.adamw_matrix_lr, betas=(hp.adam_beta1, hp.adam_beta2),
+                            eps=hp.adam_eps, weight_decay=hp.adam_wd)
+    else:
+        raise ConfigError(f"OPTIMIZER={hp.optimizer}: not built yet in this version; use OPTIMIZER=adamw")
+    matrices.step_every = 1
+    return [matrices, adam]
+
+
+def steps_now(optimizer: torch.optim.Optimizer, step: int, hp: Hyperparameters) -> bool:
+    return (step + 1) % optimizer.step_every == 0 or step == hp.num_iterations - 1
+
+
+def set_schedule(optimizers: list[torch.optim.Optimizer], step: int, hp: Hyperparameters) -> None:
+    """Writes this step's lr multiplier (and momentum, where a group has one) into every param group."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["schedule"] = lr_multiplier(step, hp)
+            if "momentum" in group:
+                group["momentum"] = muon_momentum(step, hp)
+
+
+def schedule_phase(step: int, hp: Hyperparameters) -> tuple[int, int]:
+    """(global batch tokens, long window in blocks) at a step: per third of the scheduled steps, then extension."""
+    if step >= hp.scheduled_iterations:
+        return hp.batch_schedule[-1], hp.extension_window
+    pick = lambda values: values[min(len(values) - 1, step * len(values) // hp.scheduled_iterations)]
+    return pick(hp.batch_schedule), pick(hp.long_windows)
+
+
+@dataclass
+class TrainState:
+    """Everything one training step touches."""
+
+    hp: Hyperparameters
+    model: GPT
+    step_model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    loader: TrainLoader
+    val_rows: Tensor
+    device: torch.device
+
+
+def train_step(state: TrainState, step: int) -> float:
+    """One optimizer step on one global batch; returns the mean train loss per token over all ranks."""
+    hp, model = state.hp, state.model
+    batch_tokens, window = schedule_phase(step, hp)
+    model.set_long_window(window)
+    rows = state.loader.next_rows(batch_tokens // hp.seq_len).to(state.device, non_blocking=True)
+    stepping = [steps_now(opt, step, hp) for opt in state.optimizers]
+    micro_batches = rows.split(hp.micro_batch_rows)
+    loss_sum = torch.zeros((), device=state.device)
+    for m, batch in enumerate(micro_batches):
+        for optimizer, now in zip(state.optimizers, stepping):
+            optimizer.sync = now and m == len(micro_batches) - 1
+        loss = state.step_model(batch[:, :-1], batch[:, 1:], "sum", hp.fp8)
+        # Each rank sums its tokens' losses; scaling by the world size makes the rank-averaged gradient the sum
+        # over the global batch at every world size (#48 summed too; the optimizers are scale-invariant up to eps).
+        (loss * world_size()).backward()
+        loss_sum += loss.detach()
+    set_schedule(state.optimizers, step, hp)
+    for optimizer, now in zip(state.optimizers, stepping):
+        if now:
+            optimizer.step()
+    return all_reduce_mean(loss_sum / (rows.size(0) * hp.seq_len)).item()
+
+
+@torch.no_grad()
+def evaluate(state: TrainState) -> float:
+    """Mean cross-entropy per token over the validation rows of all ranks."""
+    model, hp = state.model, state.hp
+    model.eval()
+    totals = torch.zeros(2, device=state.device, dtype=torch.float64)
+    for batch in state.val_rows.split(hp.micro_batch_rows):
+        batch = batch.to(state.device)
+        totals[0] += state.step_model(batch[:, :-1], batch[:, 1:], "sum").double()
+        totals[1] += batch[:, 1:].numel()
+    model.train()
+    all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warmup(state: TrainState) -> None:
+    """Runs a step in every schedule phase (compiling each shape and window), then restores the initial model,
+    optimizer and data state, so the clock starts on a model that has seen nothing."""
+    hp = state.hp
+    model_state = copy.deepcopy(state.model.state_dict())
+    optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in state.optimizers]
+    phase_steps = {}
+    for step in range(hp.num_iterations):
+        phase_steps.setdefault(schedule_phase(step, hp), step)
+    for step in phase_steps.values():
+        train_step(state, step)
+    state.model.set_long_window(hp.final_window)
+    batch = state.val_rows[:hp.micro_batch_rows].to(state.device)
+    with torch.no_grad():
+        state.step_model(batch[:, :-1], batch[:, 1:], "sum")
+    state.model.load_state_dict(model_state)
+    for optimizer, saved in zip(state.optimizers, optimizer_states):
+        optimizer.load_state_dict(saved)
+    for p in state.model.parameters():
+        p.grad = None
+    state.model.reset_schedule_state()
+    state.loader.reset()
+
+
+def format_duration(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def train(state: TrainState, log: RunLog) -> int:
+    """The speedrun loop: validate at step 0, every val_every steps and at the end; train_time excludes
+    validation. Returns the exit code (1 when the loss stops being finite)."""
+    hp, device = state.hp, state.device
+    steps = hp.num_iterations
+    train_ms, tokens_seen, last_finite, val_loss = 0.0, 0, float("nan"), float("nan")
+    synchronize(device)
+    t0 = time.perf_counter()
+    for step in range(steps + 1):
+        last = step == steps
+        if last or step == 0 or (hp.val_every and step % hp.val_every == 0):
+            synchronize(device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            if last:
+                state.model.set_long_window(hp.final_window)
+            val_loss = evaluate(state)
+            log.line(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
+                     f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            if not math.isfinite(val_loss):
+                return stop_nonfinite(log, step, "val_loss", last_finite)
+            synchronize(device)
+            t0 = time.perf_counter()
+        if last:
+            break
+        train_loss = train_step(state, step)
+        tokens_seen += schedule_phase(step, hp)[0]
+        if not math.isfinite(train_loss):
+            return stop_nonfinite(log, step + 1, "train_loss", last_finite)
+        last_finite = train_loss
+        if (step + 1) % hp.train_log_every == 0 or step + 1 == steps:
+            elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+            rate = tokens_seen / (elapsed_ms / 1000)
+            eta = (steps - step - 1) * elapsed_ms / (step + 1) / 1000
+            log.line(f"step:{step + 1}/{steps} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                     f"step_avg:{elapsed_ms / (step + 1):.2f}ms",
+                     console_suffix=f"  ({rate:,.0f} tok/s, eta {format_duration(eta)})")
+    log.line(peak_memory_line(device))
+    log.line("final: " + json.dumps({"val_loss": round(val_loss, 6), "step": steps, "num_iterations": steps,
+                                     "train_time_ms": round(train_ms, 1), "step_avg_ms": round(train_ms / steps, 2),
+                                     "tokens": tokens_seen, "status": "complete"}))
+    return 0
+
+
+def stop_nonfinite(log: RunLog, step: int, which: str, last_finite: float) -> int:
+    log.line("stopped: " + json.dumps({"reason": f"non-finite {which}", "step": step,
+                                       "last_finite_loss": last_finite if math.isfinite(last_finite) else None}))
+    return 1
+
+
+# ---- main ----
+
+
+def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainState:
+    """Builds the model, optimizers and data; every data error surfaces here, before any training."""
+    train_files = find_shards(hp.train_files, "TRAIN_FILES")
+    val_files = find_shards(hp.val_files, "VAL_FILES")
+    val_rows = load_val_rows(val_files, hp.seq_len, hp.val_tokens, hp.vocab_size, launch.rank, launch.world_size)
+    loader = TrainLoader(train_files, hp.seq_len, hp.vocab_size, launch.rank, launch.world_size)
+    torch.manual_seed(hp.seed)
+    embed_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = GPT(hp, embed_dtype).to(device)
+    optimizers = build_optimizers(model, hp)
+    step_model = torch.compile(model, dynamic=False) if hp.compile else model
+    return TrainState(hp, model, step_model, optimizers, loader, val_rows, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        print(__doc__ + "\n" + help_text())
+        return 0 if argv[0] in ("-h", "--help") else 2
+    try:
+        hp, launch = parse_env(os.environ)
+        device = init_distributed(launch)
+        hp = resolve_auto(hp, device)
+        state = setup(hp, launch, device)
+    except (ConfigError, ShardError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    log = RunLog(hp, launch, device)
+    try:
+        if hp.warmup:
+            warmup(state)
+        return train(state, log)
+    finally:
+        log.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
