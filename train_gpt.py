@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import functools
 import glob
 import json
 import math
@@ -162,9 +163,9 @@ PRESETS: dict[str, dict[str, object]] = {
     "speedrun": {},
     "cpu": dict(
         train_files="data/embedded/train_*.bin", val_files="data/embedded/val_*.bin",
-        num_layers=4, model_dim=256, num_heads=2, seq_len=512, micro_batch_rows=4,
-        batch_schedule=(4096,), long_windows=(4,), extension_window=4, final_window=4,
-        num_iterations=300, extension_iterations=0, val_every=50, val_tokens=131072,
+        num_layers=4, model_dim=128, num_heads=1, seq_len=256, micro_batch_rows=4,
+        batch_schedule=(2048,), long_windows=(2,), extension_window=2, final_window=2,
+        num_iterations=150, extension_iterations=0, val_every=50, val_tokens=16384,
         lr_boosts=(1.0,), lr_boost_at=(), train_log_every=10, adam_step_every=1, warmup=False,
         momentum_warmup_steps=50, momentum_cooldown_steps=10,
     ),
@@ -583,6 +584,209 @@ class DistAdam(torch.optim.Optimizer):
         return dist.all_gather_into_tensor(full, shard, async_op=True), p, full
 
 
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NEWTON_SCHULZ5_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),) * 5
+
+
+def _odd_polynomial_iteration(g: Tensor, coefficients: Sequence[tuple[float, float, float]], scale: float,
+                              eps: float) -> Tensor:
+    """Runs X <- a X + (b A + c A^2) X with A = X X^T in bf16 on the wide orientation of g (..., m, n).
+
+    CPUs without bf16 matrix units run bf16 GEMMs ~40x slower than fp32 (measured here), so the CPU twin keeps
+    values in bf16 but multiplies in fp32 and rounds each product back to bf16: the rounding points of a GPU
+    bf16 GEMM with fp32 accumulation. A cuda test holds the two against each other.
+    """
+    on_gpu = g.is_cuda
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    to_bf16 = (lambda t: t) if on_gpu else (lambda t: t.bfloat16().float())
+    x = to_bf16(g.reshape(-1, g.size(-2), g.size(-1)).to(dtype))
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = to_bf16(x / (x.norm(dim=(-2, -1), keepdim=True) * scale + eps))
+    for a, b, c in coefficients:
+        gram = to_bf16(x @ x.mT)
+        x = to_bf16(torch.baddbmm(x, to_bf16(torch.baddbmm(gram, gram, gram, beta=b, alpha=c)), x, beta=a))
+    return (x.mT if tall else x).reshape(g.shape).bfloat16()
+
+
+def polar_express(g: Tensor) -> Tensor:
+    """Approximate polar factor U V^T of g = U S V^T (..., m, n), bf16: Polar Express, 5 steps with the
+    minimax-optimal coefficients of Amsel, Persson, Musco & Gower (arXiv 2505.16932); g is first divided by
+    its Frobenius norm * 1.02 + 1e-6 so that its spectrum lies in [0, 1)."""
+    return _odd_polynomial_iteration(g, POLAR_EXPRESS_COEFFICIENTS, 1.02, 1e-6)
+
+
+def newton_schulz5(g: Tensor) -> Tensor:
+    """The classic Muon orthogonalization (Jordan et al. 2024): 5 steps of the quintic with (3.4445, -4.7750,
+    2.0315), after dividing by the Frobenius norm (+1e-7, as torch.optim.Muon). (..., m, n) -> bf16."""
+    return _odd_polynomial_iteration(g, NEWTON_SCHULZ5_COEFFICIENTS, 1.0, 1e-7)
+
+
+def variance_reduce_dim(shape: Sequence[int], is_gate: bool) -> int:
+    """NorMuon's reduce dim (SPEC 5): the last dim for gates and for rows >= cols, else the second-to-last."""
+    return -1 if is_gate or shape[-2] >= shape[-1] else -2
+
+
+def variance_normalize(v: Tensor, second_moment: Tensor, beta2: Tensor, reduce_dim: int) -> tuple[Tensor, Tensor]:
+    """NorMuon's per-neuron normalization (Li et al., arXiv 2510.05491, as fixed in speedrun record #48).
+
+    v: orthogonalized update (..., m, n); second_moment: v's shape with reduce_dim of size 1. The mean square of
+    v over reduce_dim is lerp'd into the buffer with beta2, v is divided by the buffer's square root (floored at
+    1e-10) and rescaled to its Frobenius norm before. Returns (normalized v in fp32, new second moment).
+    """
+    v = v.float()
+    norm_before = v.norm(dim=(-2, -1), keepdim=True)
+    second_moment = second_moment.lerp(v.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
+    v = v * second_moment.clamp_min(1e-10).rsqrt()
+    v = v * (norm_before / v.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+    return v, second_moment
+
+
+def cautious_update(param: Tensor, update: Tensor, lr: Tensor, decay: Tensor, cautious: bool) -> Tensor:
+    """param - lr * decay * mask * param - lr * update, the new value (Chen et al., "Cautious Weight Decay",
+    arXiv 2510.12402): mask = (update * param >= 0) decays only the entries that the update also shrinks; with
+    cautious=False the mask is all ones (plain decoupled decay). lr, decay: 0-D tensors (no recompiles)."""
+    update = update.to(param.dtype)
+    decayed = param * decay * lr
+    if cautious:
+        decayed = decayed * (update * param >= 0)
+    return param - decayed - lr * update
+
+
+class NorMuon(torch.optim.Optimizer):
+    """NorMuon (Muon + per-neuron variance normalization) for the hidden matrices and gates, 1..N ranks.
+
+    Parameters are grouped by shape for communication. Each parameter's post-accumulate-grad hook marks it
+    ready; when a shape group is complete (and `sync` is set for this backward) its stacked gradients go out in
+    one async reduce_scatter_tensor(AVG), padded to a multiple of the world size, so rank r receives whole
+    matrices. At step() each rank waits for its chunk, runs momentum, orthogonalization, variance normalization
+    and cautious weight decay on its matrices, and an async all_gather_into_tensor brings every rank the
+    updated parameters. At world size 1 no collective is called.
+    Group keys: lr, lr_mul, schedule and momentum (set per step by the loop), weight_decay, blocks (rows are
+    split into this many square blocks, 4 for qkvo_w), is_gate.
+    """
+
+    def __init__(self, param_groups: list[dict], lr: float, momentum: float, weight_decay: float, beta2: float,
+                 variance_norm: bool = True, ortho: str = "polar", cautious: bool = True, compile: bool = False):
+        defaults = dict(lr=lr, lr_mul=1.0, schedule=1.0, momentum=momentum, weight_decay=weight_decay, blocks=1,
+                        is_gate=False)
+        super().__init__(param_groups, defaults)
+        self.beta2, self.variance_norm, self.cautious = beta2, variance_norm, cautious
+        self.world, self.rank = world_size(), rank()
+        self.sync = False
+        orthogonalize = polar_express if ortho == "polar" else newton_schulz5
+        maybe_compile = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
+        self.orthogonalize = maybe_compile(orthogonalize)
+        self.variance_normalize = maybe_compile(variance_normalize)
+        self.cautious_update = maybe_compile(cautious_update)
+        self.group_of = {p: group for group in self.param_groups for p in group["params"]}
+        shapes: dict[tuple[int, ...], list[Tensor]] = {}
+        for p in self.group_of:
+            shapes.setdefault(tuple(p.shape), []).append(p)
+        self.shape_groups = list(shapes.values())
+        self.shape_group_of = {p: i for i, params in enumerate(self.shape_groups) for p in params}
+        self._ready = [0] * len(self.shape_groups)
+        self._pending: dict[int, tuple[dist.Work, Tensor]] = {}
+        self.bytes_sent = 0  # per-rank bytes that the collectives of this optimizer sent (ring algorithm)
+        for p in self.group_of:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _chunk(self, index: int) -> int:
+        return -(-len(self.shape_groups[index]) // self.world)
+
+    def _grad_ready(self, p: Tensor) -> None:
+        if not self.sync or self.world == 1:
+            return
+        index = self.shape_group_of[p]
+        self._ready[index] += 1
+        if self._ready[index] == len(self.shape_groups[index]):
+            self._launch_reduce(index)
+
+    def _launch_reduce(self, index: int) -> None:
+        params = self.shape_groups[index]
+        chunk = self._chunk(index)
+        grads = torch.zeros((chunk * self.world,) + params[0].shape, dtype=params[0].dtype, device=params[0].device)
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                grads[i] = p.grad
+        out = grads.new_empty((chunk,) + params[0].shape)
+        self.bytes_sent += grads.numel() * grads.element_size() * (self.world - 1) // self.world
+        self._pending[index] = (dist.reduce_scatter_tensor(out, grads, op=dist.ReduceOp.AVG, async_op=True), out)
+        self._ready[index] = 0
+
+    def _local_grads(self, index: int) -> Tensor:
+        """This rank's matrices of the shape group, rank-averaged: (chunk, *shape)."""
+        if self.world == 1:
+            return torch.stack([p.grad if p.grad is not None else torch.zeros_like(p)
+                                for p in self.shape_groups[index]])
+        if index not in self._pending:
+            self._launch_reduce(index)  # a hook did not fire with sync on: reduce now, correct if not overlapped
+        work, out = self._pending.pop(index)
+        work.wait()
+        return out
+
+    @torch.no_grad()
+    def step(self) -> None:
+        gathers = []
+        for index, params in enumerate(self.shape_groups):
+            grads = self._local_grads(index)
+            chunk = grads.size(0)
+            first = self.rank * chunk if self.world > 1 else 0
+            updated = torch.zeros_like(grads) if self.world > 1 else None
+            for i in range(chunk):
+                if first + i >= len(params):
+                    break
+                p = params[first + i]
+                new_value = self._update(p, grads[i])
+                if updated is None:
+                    p.copy_(new_value)
+                else:
+                    updated[i] = new_value
+            if updated is not None:
+                full = updated.new_empty((chunk * self.world,) + updated.shape[1:])
+                self.bytes_sent += updated.numel() * updated.element_size() * (self.world - 1)
+                gathers.append((dist.all_gather_into_tensor(full, updated, async_op=True), params, full))
+        for work, params, full in gathers:
+            work.wait()
+            for p, value in zip(params, full):
+                p.copy_(value)
+        for p in self.group_of:
+            p.grad = None
+
+    def _update(self, p: Tensor, grad: Tensor) -> Tensor:
+        """One matrix's new value from its rank-averaged gradient."""
+        group, state = self.group_of[p], self.state[p]
+        rows, cols = p.shape[-2], p.shape[-1]
+        blocks = group["blocks"]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+            if self.variance_norm:
+                block_shape = (blocks, rows // blocks, cols)
+                reduce_dim = variance_reduce_dim(block_shape, group["is_gate"])
+                state["second_moment"] = torch.zeros(
+                    block_shape[:reduce_dim % 3] + (1,) + block_shape[reduce_dim % 3 + 1:], device=grad.device)
+        buffer = state["momentum_buffer"]
+        buffer.lerp_(grad, 1 - group["momentum"])
+        update = grad.lerp(buffer, group["momentum"]).view(blocks, rows // blocks, cols)
+        update = self.orthogonalize(update)
+        if self.variance_norm:
+            reduce_dim = variance_reduce_dim(update.shape, group["is_gate"])
+            beta2 = torch.tensor(self.beta2)
+            update, state["second_moment"] = self.variance_normalize(update, state["second_moment"], beta2,
+                                                                     reduce_dim)
+        lr = group["lr"] * group["schedule"]
+        eff_lr = lr * max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
+        return self.cautious_update(p, update.view(rows, cols), torch.tensor(eff_lr),
+                                    torch.tensor(group["weight_decay"] * lr), self.cautious)
+
+
 def lr_multiplier(step: int, hp: Hyperparameters) -> float:
     """The speedrun lr schedule: a boosted peak per third, linear decay over the last cooldown_frac, then flat."""
     if step >= hp.scheduled_iterations:
@@ -622,11 +826,150 @@ class RMSNorm(nn.Module):
         return rms_norm(x)
 
 
+def dyt(x: Tensor, alpha: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """Dynamic Tanh, gamma * tanh(alpha * x) + beta (Zhu, Chen, He, LeCun & Liu, "Transformers without
+    Normalization", arXiv 2503.10622). x: (..., C); alpha: (1,); gamma, beta: (C,) -> x's shape."""
+    return gamma * torch.tanh(alpha * x) + beta
+
+
+def derf(x: Tensor, alpha: Tensor, shift: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """Dynamic erf, gamma * erf(alpha * x + shift) + beta (Chen, Lu, Zhu, Sun & Liu, "Stronger Normalization-Free
+    Transformers", arXiv 2512.10938). x: (..., C); alpha, shift: (1,); gamma, beta: (C,) -> x's shape."""
+    return gamma * torch.erf(alpha * x + shift) + beta
+
+
+def derf_ema(x: Tensor, alpha: Tensor, shift: Tensor, gamma: Tensor, beta: Tensor, sigma_hat: Tensor) -> Tensor:
+    """Derf on x divided by a running RMS scale: gamma * erf(alpha * x / sigma_hat + shift) + beta (the scale
+    folds into alpha, so the elementwise cost is Derf's). Shapes as derf; sigma_hat: (1,), carries no gradient."""
+    return derf(x, alpha / sigma_hat, shift, gamma, beta)
+
+
+def ema_blend_scale(sigma_hat: Tensor, batch_rms: Tensor, ema: float) -> Tensor:
+    """The Derf EMA-blend's running scale after one optimizer step: ema * sigma_hat + (1 - ema) * RMS(x).
+
+    This is our reading of the coupling paper's "EMA-blend that reintroduces running scale estimates" ("Does Your
+    Optimizer Care How You Normalize?"); its exact blend is not available to us. batch_rms is the RMS of the norm
+    input over the step's tokens on all ranks (mean square averaged over micro-batches and ranks, then sqrt).
+    Another reading (an EMA of the mean square instead of the RMS, or a blend of the running scale with the
+    current batch's RMS inside the forward) is a change to this function and DerfEMA only. Shapes: (1,).
+    """
+    return ema * sigma_hat + (1 - ema) * batch_rms
+
+
+_compiled_bounded: dict[Callable, Callable] = {}
+
+
+def bounded_kernel(fn: Callable, x: Tensor) -> Callable:
+    """The one place that picks how a bounded norm runs: fn(x, *params) computed in (at least) fp32 and returned
+    in x's dtype, compiled by torch.compile into one fused elementwise kernel on CUDA (cached per function),
+    eager elsewhere (on CPU the eager ops are the reference and compiling costs more than it saves)."""
+    if not x.is_cuda or torch.compiler.is_compiling():  # inside a compiled model the outer graph fuses it
+        return functools.partial(_upcast_apply, fn)
+    if fn not in _compiled_bounded:
+        _compiled_bounded[fn] = torch.compile(functools.partial(_upcast_apply, fn), dynamic=False)
+    return _compiled_bounded[fn]
+
+
+def _upcast_apply(fn: Callable, x: Tensor, *params: Tensor) -> Tensor:
+    return fn(x.to(torch.promote_types(x.dtype, torch.float32)), *params).to(x.dtype)
+
+
+class DyT(nn.Module):
+    """NORM=dyt: gamma * tanh(alpha * x) + beta with a scalar alpha and per-channel gamma (1) and beta (0).
+    Scalars are (1,) tensors, not 0-D, because DistAdam shards every parameter by rows."""
+
+    squash = staticmethod(torch.tanh)
+
+    def __init__(self, dim: int, alpha: float):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), alpha))
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def argument(self, x: Tensor) -> Tensor:
+        """What the squash function sees (for diagnostics)."""
+        return self.alpha * x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return bounded_kernel(dyt, x)(x, self.alpha, self.gamma, self.beta)
+
+
+class Derf(nn.Module):
+    """NORM=derf: gamma * erf(alpha * x + shift) + beta; scalar alpha and shift (init 0), per-channel gamma, beta."""
+
+    squash = staticmethod(torch.erf)
+
+    def __init__(self, dim: int, alpha: float):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), alpha))
+        self.shift = nn.Parameter(torch.zeros(1))
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def argument(self, x: Tensor) -> Tensor:
+        return self.alpha * x + self.shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        return bounded_kernel(derf, x)(x, self.alpha, self.shift, self.gamma, self.beta)
+
+
+class DerfEMA(Derf):
+    """NORM=derf_ema: Derf of x / sigma_hat, sigma_hat a running RMS of this site's input (ema_blend_scale).
+
+    sigma_hat is a persistent buffer (in the state_dict, so checkpoints and warmup's restore carry it), initial
+    value 1.0: in this model every norm input starts near RMS 1 (the embedding is RMS-normed and every sublayer's
+    output projection is zero-init; only lambda_a's 1.1 per layer scales it), and step 0 is then plain Derf.
+    A training forward with gradients adds its input's mean square to `scale_stats` (sum, count); the loop calls
+    GPT.update_norm_scales() once per optimizer step, which averages the stats over ranks and moves sigma_hat.
+    Eval and no-grad forwards leave both untouched.
+    """
+
+    def __init__(self, dim: int, alpha: float, ema: float):
+        super().__init__(dim, alpha)
+        self.ema = ema
+        self.register_buffer("sigma_hat", torch.ones(1))
+        self.register_buffer("scale_stats", torch.zeros(2), persistent=False)
+
+    def argument(self, x: Tensor) -> Tensor:
+        return self.alpha * x / self.sigma_hat + self.shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            mean_square = x.detach().float().square().mean()
+            self.scale_stats.add_(torch.stack((mean_square, torch.ones_like(mean_square))))
+        return bounded_kernel(derf_ema, x)(x, self.alpha, self.shift, self.gamma, self.beta, self.sigma_hat)
+
+    @torch.no_grad()
+    def update_scale(self, stats: Tensor) -> None:
+        """One EMA step from stats = (sum of micro-batch mean squares, micro-batch count), already averaged over
+        ranks; a site that saw no training forward keeps its scale. No host sync."""
+        batch_rms = (stats[0] / stats[1].clamp_min(1)).sqrt()
+        self.sigma_hat.copy_(torch.where(stats[1] > 0, ema_blend_scale(self.sigma_hat, batch_rms, self.ema),
+                                         self.sigma_hat))
+        self.scale_stats.zero_()
+
+
+def update_ema_scales(norms: Sequence[DerfEMA]) -> None:
+    """Moves every DerfEMA site's sigma_hat once: one all-reduce (AVG) of all sites' stats stacked, so every rank
+    ends with the same scales (nothing is called at world size 1 or without such sites)."""
+    if not norms:
+        return
+    stats = all_reduce_mean(torch.stack([norm.scale_stats for norm in norms]))
+    for norm, site_stats in zip(norms, stats):
+        norm.update_scale(site_stats)
+
+
 def make_norm(hp: Hyperparameters) -> nn.Module:
     """The block/final norm that NORM selects."""
     if hp.norm == "rmsnorm":
         return RMSNorm()
-    raise ConfigError(f"NORM={hp.norm}: not built yet in this version; use NORM=rmsnorm")
+    if hp.norm == "dyt":
+        return DyT(hp.model_dim, hp.norm_alpha)
+    if hp.norm == "derf":
+        return Derf(hp.model_dim, hp.norm_alpha)
+    if hp.norm == "derf_ema":
+        return DerfEMA(hp.model_dim, hp.norm_alpha, hp.norm_ema)
+    raise ConfigError(f"NORM={hp.norm}: expected one of rmsnorm, dyt, derf, derf_ema")
 
 
 # ---- model ----
@@ -842,16 +1185,21 @@ class GPT(nn.Module):
         self.rotary.reset()
         self.long_window = self.hp.long_windows[0]
 
+    def update_norm_scales(self) -> None:
+        """Once per optimizer step, outside the compiled forward: moves NORM=derf_ema's running scales (a no-op
+        for the other norms)."""
+        update_ema_scales([m for m in self.modules() if isinstance(m, DerfEMA)])
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The model's parameters by optimizer role."""
         blocks = list(self.blocks)
-        matrices = [b.attn.qkvo_w for b in blocks if b.attn] + [b.mlp.c_fc for b in blocks if b.mlp]
         gates = [b.attn.attn_gate for b in blocks if b.attn] + [self.smear_gate]
         norms = [b.attn_norm for b in blocks if b.attn] + [b.mlp_norm for b in blocks if b.mlp] + [self.final_norm]
         norm_params = [p for norm in norms for p in norm.parameters()]
         return {"embed": [self.embed.weight] + [e.weight for e in self.value_embeds],
                 "scalar": [self.scalars] + norm_params, "head": [self.lm_head],
-                "matrix": matrices + gates, "c_proj": [b.mlp.c_proj for b in blocks if b.mlp]}
+                "qkvo": [b.attn.qkvo_w for b in blocks if b.attn], "c_fc": [b.mlp.c_fc for b in blocks if b.mlp],
+                "c_proj": [b.mlp.c_proj for b in blocks if b.mlp], "gates": gates}
 
     def forward(self, idx: Tensor, targets: Tensor, reduction: str = "sum", fp8: bool = False) -> Tensor:
         """Cross-entropy of the next-token prediction. idx, targets: (B, T) int64."""
@@ -1071,6 +1419,132 @@ def peak_memory_line(device: torch.device) -> str:
     return f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB"
 
 
+SPECTRAL_POWER_ITERATIONS = 8  # warm-started from the previous validation's vector, so a few suffice
+
+
+def spectral_norm(w: Tensor, v: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """Largest singular value of w (m, n) by power iteration on w^T w from v (n,); returns (sigma, unit v)."""
+    w = w.float()
+    for _ in range(iterations):
+        v = w.T @ (w @ v)
+        v = v / v.norm().clamp_min(1e-30)
+    return (w @ v).norm(), v
+
+
+def percentile(t: Tensor, q: float) -> Tensor:
+    """The q-quantile (0 < q <= 1) of t's elements, lower value (kthvalue has no size limit, unlike quantile)."""
+    flat = t.flatten()
+    return flat.kthvalue(max(1, math.ceil(q * flat.numel()))).values
+
+
+def norm_input_stats(norm: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """Diagnostics of one norm site from its input x (..., C): the input RMS and, for the bounded norms, the
+    fraction of squash outputs (tanh or erf, before gamma/beta) with magnitude > 0.99 and > 0.95, the mean and
+    99th percentile of the squash argument and of its magnitude, and the learned alpha, shift, sigma_hat."""
+    x = x.float()
+    stats = {"rms": x.square().mean().sqrt()}
+    if hasattr(norm, "argument"):
+        arg = norm.argument(x).float()
+        squashed = norm.squash(arg).abs()
+        stats.update(sat99=(squashed > 0.99).float().mean(), sat95=(squashed > 0.95).float().mean(),
+                     arg_mean=arg.mean(), arg_p99=percentile(arg, 0.99), arg_abs_p99=percentile(arg.abs(), 0.99))
+        for name in ("alpha", "shift", "sigma_hat"):
+            if hasattr(norm, name):
+                stats[name] = getattr(norm, name).float().squeeze()
+    return stats
+
+
+class Diagnostics:
+    """DIAGNOSTICS=1 (rank 0 only): per-layer figures for a `diag: {json}` line at each validation.
+
+    Activations come from forward hooks on every norm site during one eager, eval-mode forward of the first
+    validation micro-batch (the same batch each time). Matrices (qkvo_w as its q, k, v, o row blocks, c_fc,
+    c_proj): the spectral norm by warm-started power iteration, and the update RMS of the last optimizer step
+    before the validation, RMS(W_after - W_before), from a snapshot taken only before that step.
+    """
+
+    def __init__(self, model: GPT, hp: Hyperparameters):
+        self.model, self.hp = model, hp
+        self.vectors: dict[str, Tensor] = {}
+        self.snapshot: dict[str, Tensor] | None = None
+        self.update_rms: dict[str, Tensor] = {}
+        self.generator = torch.Generator().manual_seed(0)
+
+    def matrices(self) -> dict[str, Tensor]:
+        """'<layer>.<name>' -> a view of each hidden matrix (qkvo_w split into its row blocks)."""
+        out = {}
+        for i, block in enumerate(self.model.blocks):
+            if block.attn is not None:
+                width = block.attn.num_heads * block.attn.head_dim
+                for j, name in enumerate("qkvo"):
+                    out[f"{i}.attn_{name}"] = block.attn.qkvo_w[j * width:(j + 1) * width]
+            if block.mlp is not None:
+                out[f"{i}.mlp_fc"], out[f"{i}.mlp_proj"] = block.mlp.c_fc, block.mlp.c_proj
+        return out
+
+    @torch.no_grad()
+    def before_step(self, step: int) -> None:
+        """Snapshots the matrices before the optimizer step that precedes a validation (no copy otherwise)."""
+        if validates_at(step + 1, self.hp):
+            self.snapshot = {key: w.detach().clone() for key, w in self.matrices().items()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.snapshot is None:
+            return
+        self.update_rms = {key: (w.float() - self.snapshot[key].float()).square().mean().sqrt()
+                           for key, w in self.matrices().items()}
+        self.snapshot = None
+
+    def _spectral(self, key: str, w: Tensor) -> float:
+        v = self.vectors.get(key)
+        if v is None:
+            v = torch.randn(w.size(1), generator=self.generator).to(w.device)
+        sigma, v = spectral_norm(w, v, SPECTRAL_POWER_ITERATIONS)
+        if torch.isfinite(v).all() and v.norm() > 0:  # a zero matrix (zero-init o, c_proj) gives no direction
+            self.vectors[key] = v
+        else:
+            self.vectors.pop(key, None)
+        return sigma.item()
+
+    @torch.no_grad()
+    def collect(self, step: int, batch: Tensor) -> dict:
+        """The diag record at `step` from one validation micro-batch (rows, seq_len + 1)."""
+        model = self.model
+        sites: dict[str, nn.Module] = {"final_norm": model.final_norm}
+        for i, block in enumerate(model.blocks):
+            for name in ("attn_norm", "mlp_norm"):
+                if getattr(block, name) is not None:
+                    sites[f"{i}.{name}"] = getattr(block, name)
+        activations: dict[str, dict[str, Tensor]] = {}
+
+        def hook(key: str) -> Callable:
+            return lambda module, inputs, output: activations.__setitem__(key, norm_input_stats(module, inputs[0]))
+
+        handles = [norm.register_forward_hook(hook(key)) for key, norm in sites.items()]
+        was_training = model.training
+        model.eval()
+        try:
+            model(batch[:, :-1], batch[:, 1:], "sum")
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        layers: dict[int, dict[str, object]] = {}
+        record: dict[str, object] = {"step": step}
+        for key, stats in activations.items():
+            layer, _, site = key.rpartition(".")
+            target = layers.setdefault(int(layer), {}) if layer else record
+            target.update({f"{site}_{name}": value.item() for name, value in stats.items()})
+        for key, w in self.matrices().items():
+            layer, _, name = key.partition(".")
+            layers.setdefault(int(layer), {})[f"{name}_spectral"] = self._spectral(key, w)
+            if key in self.update_rms:
+                layers[int(layer)][f"{name}_update_rms"] = self.update_rms[key].item()
+        record["layers"] = [{"block": f"blocks.{i}", **layers[i]} for i in sorted(layers)]
+        return record
+
+
 # ---- training loop ----
 
 
@@ -1085,12 +1559,19 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> list[torch.optim.Optimi
                      dict(params=groups["head"], lr_mul=hp.head_lr_mul)],
                     lr=hp.adam_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd)
     adam.step_every = hp.adam_step_every
-    matrix_groups = [dict(params=groups["matrix"]), dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul)]
     if hp.optimizer == "adamw":
-        matrices = DistAdam(matrix_groups, lr=hp.adamw_matrix_lr, betas=(hp.adam_beta1, hp.adam_beta2),
-                            eps=hp.adam_eps, weight_decay=hp.adam_wd)
+        matrices = DistAdam([dict(params=groups["qkvo"] + groups["c_fc"] + groups["gates"]),
+                             dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul)],
+                            lr=hp.adamw_matrix_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps,
+                            weight_decay=hp.adam_wd)
     else:
-        raise ConfigError(f"OPTIMIZER={hp.optimizer}: not built yet in this version; use OPTIMIZER=adamw")
+        matrices = NorMuon([dict(params=groups["qkvo"], blocks=4),
+                            dict(params=groups["c_fc"]),
+                            dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul),
+                            dict(params=groups["gates"], is_gate=True)],
+                           lr=hp.muon_lr, momentum=hp.muon_momentum_start, weight_decay=hp.muon_wd,
+                           beta2=hp.normuon_beta2, variance_norm=hp.optimizer == "normuon", ortho=hp.ortho,
+                           cautious=hp.cwd, compile=bool(hp.compile))
     matrices.step_every = 1
     return [matrices, adam]
 
@@ -1127,6 +1608,12 @@ class TrainState:
     loader: TrainLoader
     val_rows: Tensor
     device: torch.device
+    diagnostics: Diagnostics | None = None
+
+
+def validates_at(step: int, hp: Hyperparameters) -> bool:
+    """Whether the loop validates before training step `step`: at 0, every val_every steps and at the end."""
+    return step in (0, hp.num_iterations) or bool(hp.val_every and step % hp.val_every == 0)
 
 
 def train_step(state: TrainState, step: int) -> float:
@@ -1147,9 +1634,14 @@ def train_step(state: TrainState, step: int) -> float:
         (loss * world_size()).backward()
         loss_sum += loss.detach()
     set_schedule(state.optimizers, step, hp)
+    if state.diagnostics is not None:
+        state.diagnostics.before_step(step)
     for optimizer, now in zip(state.optimizers, stepping):
         if now:
             optimizer.step()
+    model.update_norm_scales()
+    if state.diagnostics is not None:
+        state.diagnostics.after_step()
     return all_reduce_mean(loss_sum / (rows.size(0) * hp.seq_len)).item()
 
 
@@ -1205,13 +1697,14 @@ def train(state: TrainState, log: RunLog) -> int:
     """The speedrun loop: validate at step 0, every val_every steps and at the end; train_time excludes
     validation. Returns the exit code (1 when the loss stops being finite)."""
     hp, device = state.hp, state.device
+    state.diagnostics = Diagnostics(state.model, hp) if hp.diagnostics and rank() == 0 else None
     steps = hp.num_iterations
     train_ms, tokens_seen, last_finite, val_loss = 0.0, 0, float("nan"), float("nan")
     synchronize(device)
     t0 = time.perf_counter()
     for step in range(steps + 1):
         last = step == steps
-        if last or step == 0 or (hp.val_every and step % hp.val_every == 0):
+        if validates_at(step, hp):
             synchronize(device)
             train_ms += 1000 * (time.perf_counter() - t0)
             if last:
@@ -1219,6 +1712,9 @@ def train(state: TrainState, log: RunLog) -> int:
             val_loss = evaluate(state)
             log.line(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
                      f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            if state.diagnostics is not None:
+                record = state.diagnostics.collect(step, state.val_rows[:hp.micro_batch_rows].to(device))
+                log.line("diag: " + json.dumps(record), console=False)
             if not math.isfinite(val_loss):
                 return stop_nonfinite(log, step, "val_loss", last_finite)
             synchronize(device)
