@@ -920,7 +920,8 @@ class DerfEMA(Derf):
     value 1.0: in this model every norm input starts near RMS 1 (the embedding is RMS-normed and every sublayer's
     output projection is zero-init; only lambda_a's 1.1 per layer scales it), and step 0 is then plain Derf.
     A training forward with gradients adds its input's mean square to `scale_stats` (sum, count); the loop calls
-    GPT.update_norm_scales() once per optimizer step, which averages the stats over ranks and moves sigma_hat.
+    GPT.update_norm_scales() once per optimizer step (update_ema_scales: averages the stats over ranks, moves
+    sigma_hat).
     Eval and no-grad forwards leave both untouched.
     """
 
@@ -939,24 +940,24 @@ class DerfEMA(Derf):
             self.scale_stats.add_(torch.stack((mean_square, torch.ones_like(mean_square))))
         return bounded_kernel(derf_ema, x)(x, self.alpha, self.shift, self.gamma, self.beta, self.sigma_hat)
 
-    @torch.no_grad()
-    def update_scale(self, stats: Tensor) -> None:
-        """One EMA step from stats = (sum of micro-batch mean squares, micro-batch count), already averaged over
-        ranks; a site that saw no training forward keeps its scale. No host sync."""
-        batch_rms = (stats[0] / stats[1].clamp_min(1)).sqrt()
-        self.sigma_hat.copy_(torch.where(stats[1] > 0, ema_blend_scale(self.sigma_hat, batch_rms, self.ema),
-                                         self.sigma_hat))
-        self.scale_stats.zero_()
 
-
+@torch.no_grad()
 def update_ema_scales(norms: Sequence[DerfEMA]) -> None:
-    """Moves every DerfEMA site's sigma_hat once: one all-reduce (AVG) of all sites' stats stacked, so every rank
-    ends with the same scales (nothing is called at world size 1 or without such sites)."""
+    """Moves every DerfEMA site's sigma_hat once by ema_blend_scale and clears the stats: one all-reduce (AVG) of
+    all sites' (sum of micro-batch mean squares, micro-batch count) stacked, so every rank ends with the same
+    scales, and a handful of batched ops (no per-site kernels, no host sync). A site that saw no training forward
+    keeps its scale. Nothing is called without such sites; no collective at world size 1."""
     if not norms:
         return
+    emas = {norm.ema for norm in norms}
+    if len(emas) != 1:
+        raise ValueError(f"DerfEMA sites with different ema values {sorted(emas)}: expected one NORM_EMA")
     stats = all_reduce_mean(torch.stack([norm.scale_stats for norm in norms]))
-    for norm, site_stats in zip(norms, stats):
-        norm.update_scale(site_stats)
+    sigma_hat = torch.cat([norm.sigma_hat for norm in norms])
+    batch_rms = (stats[:, 0] / stats[:, 1].clamp_min(1)).sqrt()
+    moved = torch.where(stats[:, 1] > 0, ema_blend_scale(sigma_hat, batch_rms, emas.pop()), sigma_hat)
+    torch._foreach_copy_([norm.sigma_hat for norm in norms], list(moved.split(1)))
+    torch._foreach_zero_([norm.scale_stats for norm in norms])
 
 
 def make_norm(hp: Hyperparameters) -> nn.Module:

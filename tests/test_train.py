@@ -36,14 +36,15 @@ def value(line: str, key: str) -> float:
 
 
 @pytest.mark.slow
-def test_test_preset_run_loss_falls_and_log_parses(run_env, tmp_path):
-    env = {**run_env, "OPTIMIZER": "adamw", "NUM_ITERATIONS": "24", "VAL_EVERY": "12", "RUN_TAG": "e2e"}
+@pytest.mark.parametrize("optimizer", ["adamw", "normuon"])
+def test_test_preset_run_loss_falls_and_log_parses(run_env, tmp_path, optimizer):
+    env = {**run_env, "OPTIMIZER": optimizer, "NUM_ITERATIONS": "24", "VAL_EVERY": "12", "RUN_TAG": "e2e"}
     out = run([sys.executable, "train_gpt.py"], env)
     logs = list((tmp_path / "logs").glob("*_e2e_*.txt"))
     assert len(logs) == 1
     log = parse_log(logs[0])
     assert log["source"] == (REPO / "train_gpt.py").read_text()
-    assert log["config"]["optimizer"] == "adamw" and log["config"]["world_size"] == 1
+    assert log["config"]["optimizer"] == optimizer and log["config"]["world_size"] == 1
     assert {"device", "torch_version", "git_commit", "num_iterations"} <= set(log["config"])
     assert [line.split()[0] for line in log["vals"]] == ["step:0/24", "step:12/24", "step:24/24"]
     first, last = value(log["vals"][0], "val_loss"), value(log["vals"][-1], "val_loss")
@@ -57,8 +58,10 @@ def test_test_preset_run_loss_falls_and_log_parses(run_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_distadam_world2_equals_world1(run_env, tmp_path):
-    env = {**run_env, "OPTIMIZER": "adamw"}
+@pytest.mark.parametrize("optimizer", ["adamw", "normuon"])
+def test_world2_equals_world1(run_env, tmp_path, optimizer):
+    """DistAdam (adamw: on everything) and NorMuon + DistAdam give world 1's parameters at world 2."""
+    env = {**run_env, "OPTIMIZER": optimizer}
     run([sys.executable, "tests/dist_worker.py", str(tmp_path / "w1.pt"), "4"], env)
     run(TORCHRUN + ["tests/dist_worker.py", str(tmp_path / "w2.pt"), "4"], env)
     one, two = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
