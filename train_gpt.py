@@ -686,16 +686,17 @@ class NorMuon(torch.optim.Optimizer):
         self.orthogonalize = maybe_compile(orthogonalize)
         self.variance_normalize = maybe_compile(variance_normalize)
         self.cautious_update = maybe_compile(cautious_update)
-        self.group_of = {p: group for group in self.param_groups for p in group["params"]}
+        # indices, not the dicts: load_state_dict replaces the group dicts
+        self.group_index = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
         shapes: dict[tuple[int, ...], list[Tensor]] = {}
-        for p in self.group_of:
+        for p in self.group_index:
             shapes.setdefault(tuple(p.shape), []).append(p)
         self.shape_groups = list(shapes.values())
         self.shape_group_of = {p: i for i, params in enumerate(self.shape_groups) for p in params}
         self._ready = [0] * len(self.shape_groups)
         self._pending: dict[int, tuple[dist.Work, Tensor]] = {}
         self.bytes_sent = 0  # per-rank bytes that the collectives of this optimizer sent (ring algorithm)
-        for p in self.group_of:
+        for p in self.group_index:
             p.register_post_accumulate_grad_hook(self._grad_ready)
 
     def _chunk(self, index: int) -> int:
@@ -757,12 +758,12 @@ class NorMuon(torch.optim.Optimizer):
             work.wait()
             for p, value in zip(params, full):
                 p.copy_(value)
-        for p in self.group_of:
+        for p in self.group_index:
             p.grad = None
 
     def _update(self, p: Tensor, grad: Tensor) -> Tensor:
         """One matrix's new value from its rank-averaged gradient."""
-        group, state = self.group_of[p], self.state[p]
+        group, state = self.param_groups[self.group_index[p]], self.state[p]
         rows, cols = p.shape[-2], p.shape[-1]
         blocks = group["blocks"]
         if not state:

@@ -100,3 +100,20 @@ def test_nonfinite_loss_stops_with_step_and_last_finite_loss(run_env, tmp_path, 
     last_train = [line for line in lines if "train_loss:" in line][-1]
     assert last_train.startswith("step:2/6") and abs(value(last_train, "train_loss") - stopped["last_finite_loss"]) < 1e-4
     assert not any(line.startswith("final:") for line in lines)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "normuon"])
+def test_warmup_restores_every_state(run_env, optimizer):
+    """After warmup (a step of every schedule phase, then restore), training is exactly as without it."""
+    env = {**run_env, "OPTIMIZER": optimizer, "NUM_ITERATIONS": "6", "BATCH_SCHEDULE": "64,128",
+           "LONG_WINDOWS": "1,2", "EXTENSION_ITERATIONS": "2", "ADAM_STEP_EVERY": "2"}
+    device = torch.device("cpu")
+
+    def losses(with_warmup: bool) -> list[float]:
+        hp, launch = T.parse_env(env, False)
+        state = T.setup(T.resolve_auto(hp, device), launch, device)
+        if with_warmup:
+            T.warmup(state)
+        return [T.train_step(state, step) for step in range(4)] + [T.evaluate(state)]
+
+    assert losses(True) == losses(False)
