@@ -678,7 +678,8 @@ class NorMuon(torch.optim.Optimizer):
         defaults = dict(lr=lr, lr_mul=1.0, schedule=1.0, momentum=momentum, weight_decay=weight_decay, blocks=1,
                         is_gate=False)
         super().__init__(param_groups, defaults)
-        self.beta2, self.variance_norm, self.cautious = beta2, variance_norm, cautious
+        self.variance_norm, self.cautious = variance_norm, cautious
+        self._beta2 = torch.tensor(beta2)  # 0-D CPU tensor: the compiled helper is not specialized on it
         self.world, self.rank = world_size(), rank()
         self.sync = False
         orthogonalize = polar_express if ortho == "polar" else newton_schulz5
@@ -723,10 +724,7 @@ class NorMuon(torch.optim.Optimizer):
         self._ready[index] = 0
 
     def _local_grads(self, index: int) -> Tensor:
-        """This rank's matrices of the shape group, rank-averaged: (chunk, *shape)."""
-        if self.world == 1:
-            return torch.stack([p.grad if p.grad is not None else torch.zeros_like(p)
-                                for p in self.shape_groups[index]])
+        """This rank's matrices of the shape group, rank-averaged: (chunk, *shape). World size > 1 only."""
         if index not in self._pending:
             self._launch_reduce(index)  # a hook did not fire with sync on: reduce now, correct if not overlapped
         work, out = self._pending.pop(index)
@@ -735,25 +733,23 @@ class NorMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
+        step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
         gathers = []
         for index, params in enumerate(self.shape_groups):
+            if self.world == 1:
+                for p in params:
+                    if p.grad is not None:
+                        p.copy_(self._update(p, p.grad, step_scalars))
+                continue
             grads = self._local_grads(index)
             chunk = grads.size(0)
-            first = self.rank * chunk if self.world > 1 else 0
-            updated = torch.zeros_like(grads) if self.world > 1 else None
-            for i in range(chunk):
-                if first + i >= len(params):
-                    break
-                p = params[first + i]
-                new_value = self._update(p, grads[i])
-                if updated is None:
-                    p.copy_(new_value)
-                else:
-                    updated[i] = new_value
-            if updated is not None:
-                full = updated.new_empty((chunk * self.world,) + updated.shape[1:])
-                self.bytes_sent += updated.numel() * updated.element_size() * (self.world - 1)
-                gathers.append((dist.all_gather_into_tensor(full, updated, async_op=True), params, full))
+            first = self.rank * chunk
+            updated = torch.zeros_like(grads)
+            for i, p in enumerate(params[first:first + chunk]):
+                updated[i] = self._update(p, grads[i], step_scalars)
+            full = updated.new_empty((chunk * self.world,) + updated.shape[1:])
+            self.bytes_sent += updated.numel() * updated.element_size() * (self.world - 1)
+            gathers.append((dist.all_gather_into_tensor(full, updated, async_op=True), params, full))
         for work, params, full in gathers:
             work.wait()
             for p, value in zip(params, full):
@@ -761,9 +757,12 @@ class NorMuon(torch.optim.Optimizer):
         for p in self.group_index:
             p.grad = None
 
-    def _update(self, p: Tensor, grad: Tensor) -> Tensor:
-        """One matrix's new value from its rank-averaged gradient."""
-        group, state = self.param_groups[self.group_index[p]], self.state[p]
+    def _update(self, p: Tensor, grad: Tensor, step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]]
+                ) -> Tensor:
+        """One matrix's new value from its rank-averaged gradient. step_scalars caches this step's 0-D lr and
+        decay tensors per (group, shape)."""
+        group_index = self.group_index[p]
+        group, state = self.param_groups[group_index], self.state[p]
         rows, cols = p.shape[-2], p.shape[-1]
         blocks = group["blocks"]
         if not state:
@@ -779,13 +778,15 @@ class NorMuon(torch.optim.Optimizer):
         update = self.orthogonalize(update)
         if self.variance_norm:
             reduce_dim = variance_reduce_dim(update.shape, group["is_gate"])
-            beta2 = torch.tensor(self.beta2)
-            update, state["second_moment"] = self.variance_normalize(update, state["second_moment"], beta2,
+            update, state["second_moment"] = self.variance_normalize(update, state["second_moment"], self._beta2,
                                                                      reduce_dim)
-        lr = group["lr"] * group["schedule"]
-        eff_lr = lr * max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
-        return self.cautious_update(p, update.view(rows, cols), torch.tensor(eff_lr),
-                                    torch.tensor(group["weight_decay"] * lr), self.cautious)
+        key = (group_index, rows, cols)
+        if key not in step_scalars:
+            lr = group["lr"] * group["schedule"]
+            eff_lr = lr * max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
+            step_scalars[key] = (torch.tensor(eff_lr), torch.tensor(group["weight_decay"] * lr))
+        eff_lr, decay = step_scalars[key]
+        return self.cautious_update(p, update.view(rows, cols), eff_lr, decay, self.cautious)
 
 
 def lr_multiplier(step: int, hp: Hyperparameters) -> float:

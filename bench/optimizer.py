@@ -120,7 +120,7 @@ def breakdown_steps(normuon: T.NorMuon, grads: list[torch.Tensor]) -> dict[str, 
     """NorMuon's stages as the pure functions it calls, each over every matrix, on the tensors of one step."""
     stages: dict[str, list[Callable[[], object]]] = {"momentum": [], "orthogonalization": [],
                                                      "variance normalization": [], "cautious update": []}
-    beta2 = torch.tensor(normuon.beta2)
+    beta2 = normuon._beta2
     for (p, group), grad in zip(matrices(normuon), grads):
         rows, cols = p.shape
         blocks, momentum = group["blocks"], group["momentum"]
