@@ -246,3 +246,21 @@ def test_short_run_loss_falls_with_diagnostics(name, run_env, one_thread):
     assert ("final_norm_sigma_hat" in diags[-1]) == (name == "derf_ema")
     series = load_validate().diagnostic_series(diags)
     assert len(series["layers.mlp_norm_rms (mean)"]) == 3 and "final_norm_rms" in series
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["dyt", "derf"])
+def test_compiled_bounded_kernel_on_cuda_matches_eager_cpu(name):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    fn = {"dyt": T.dyt, "derf": T.derf}[name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, 768, generator=gen).bfloat16()
+    params = [torch.tensor([0.5]), torch.tensor([0.1]), torch.rand(768, generator=gen) + 0.5,
+              torch.randn(768, generator=gen) * 0.1]
+    if name == "dyt":
+        params = [params[0], params[2], params[3]]
+    eager = T.bounded_kernel(fn, x)(x, *params)
+    on_gpu = T.bounded_kernel(fn, x.cuda())(x.cuda(), *[p.cuda() for p in params])
+    assert on_gpu.dtype == torch.bfloat16
+    torch.testing.assert_close(on_gpu.float().cpu(), eager.float(), rtol=1e-2, atol=1e-2)
