@@ -52,9 +52,10 @@ WORLD = 2
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
 
 
-def build(preset: str) -> tuple[T.Hyperparameters, T.GPT, T.NorMuon]:
-    """The model of a preset (seeded, so every process builds the same one) and its matrix optimizer."""
-    hp, _ = T.parse_env({"PRESET": preset}, cuda_available=False)
+def build(preset: str, compile_helpers: bool = False) -> tuple[T.Hyperparameters, T.GPT, T.NorMuon]:
+    """The model of a preset (seeded, so every process builds the same one) and its matrix optimizer; with
+    compile_helpers, as COMPILE=1 builds it (orthogonalization, variance norm, cautious update compiled)."""
+    hp, _ = T.parse_env({"PRESET": preset, "COMPILE": str(int(compile_helpers))}, cuda_available=False)
     hp = T.resolve_auto(hp, torch.device("cpu"))
     torch.manual_seed(SEED)
     model = T.GPT(hp)
@@ -156,13 +157,13 @@ def median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
-def bench_time(preset: str, repeats: int, bf16_muon: bool) -> None:
-    hp, _, normuon = build(preset)
+def bench_time(preset: str, repeats: int, bf16_muon: bool, compile_helpers: bool) -> None:
+    hp, _, normuon = build(preset, compile_helpers)
     for group in normuon.param_groups:
         group["momentum"] = hp.muon_momentum  # the loop's value after warmup, as torch.optim.Muon's 0.95
     params = [p for p, _ in matrices(normuon)]
     grads = random_grads(params, SEED)
-    normuon_name = f"NorMuon ({hp.ortho} twin, variance norm, cautious wd)"
+    normuon_name = f"NorMuon ({hp.ortho} twin, variance norm, cautious wd{', COMPILE=1' if hp.compile else ''})"
     muon = "torch.optim.Muon"
     steps = {normuon_name: normuon_step(normuon, grads)}
     if bf16_muon:
@@ -277,6 +278,8 @@ def main() -> None:
     parser.add_argument("--bf16-muon", choices=("auto", "on", "off"), default="auto",
                         help="also time torch.optim.Muon with its own bf16 GEMMs (auto: only for cpu; at speedrun "
                              "shapes one such step takes minutes on a CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="build NorMuon as COMPILE=1 does (its helpers torch.compile'd; first call compiles)")
     parser.add_argument("--skip-time", action="store_true", help="skip part 1 (step time)")
     parser.add_argument("--skip-dist", action="store_true", help="skip part 2 (world-2 communication)")
     parser.add_argument("--dist-worker", metavar="DIR", help=argparse.SUPPRESS)
@@ -290,7 +293,7 @@ def main() -> None:
         parser.error(f"--repeats {repeats}: expected at least 1")
     bf16_muon = args.bf16_muon == "on" or (args.bf16_muon == "auto" and args.preset == "cpu")
     if not args.skip_time:
-        bench_time(args.preset, repeats, bf16_muon)
+        bench_time(args.preset, repeats, bf16_muon, args.compile)
     if not args.skip_dist:
         bench_comm(args.preset)
 
