@@ -133,7 +133,8 @@ class Hyperparameters:
     scalar_lr_mul: float = _hp(5.0, "lr_mul of the scalars", check=_positive)
     head_lr_mul: float = _hp(1.0, "lr_mul of lm_head", check=_positive)
     adam_step_every: int = _hp(2, "Adam groups step every this many steps, on the summed gradients", check=_positive)
-    adamw_matrix_lr: float = _hp(0.002, "OPTIMIZER=adamw: DistAdam lr of the hidden matrices and gates",
+    adamw_matrix_lr: float = _hp(0.002, "OPTIMIZER=adamw: DistAdam lr of the hidden matrices and gates "
+                                 "(swept on the cpu preset: 0.001-0.002 best, 0.008 worse; see README)",
                                  check=_positive)
     # matrix optimizer
     optimizer: str = _hp("normuon", "optimizer of the hidden matrices and gates",
