@@ -169,6 +169,7 @@ PRESETS: dict[str, dict[str, object]] = {
         num_iterations=150, extension_iterations=0, val_every=50, val_tokens=16384,
         lr_boosts=(1.0,), lr_boost_at=(), train_log_every=10, adam_step_every=1, warmup=False,
         momentum_warmup_steps=50, momentum_cooldown_steps=10,
+        adam_lr=0.004, muon_lr=0.012,  # half the speedrun's: better val loss at every validation (README)
     ),
     "test": dict(
         train_files="", val_files="",
