@@ -363,6 +363,16 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def wait_for(pending: dict, key: object, launch: Callable[[], None]) -> Tensor:
+    """The output of the async collective pending[key] (popped), calling launch() first when no backward hook
+    launched it (then the result is correct but the communication did not overlap the backward)."""
+    if key not in pending:
+        launch()
+    work, out = pending.pop(key)
+    work.wait()
+    return out
+
+
 # ---- kernels ----
 
 
@@ -540,15 +550,9 @@ class DistAdam(torch.optim.Optimizer):
 
     def _local_grad(self, p: Tensor) -> Tensor | None:
         """This rank's rows of the rank-averaged gradient (the whole gradient at world size 1)."""
-        if self.world == 1:
+        if self.world == 1 or (p.grad is None and p not in self._pending):
             return p.grad
-        if p not in self._pending:
-            if p.grad is None:
-                return None
-            self._launch_reduce(p)  # the hook did not fire with sync on: reduce now, correct if not overlapped
-        work, out = self._pending.pop(p)
-        work.wait()
-        return out
+        return wait_for(self._pending, p, lambda: self._launch_reduce(p))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -727,11 +731,7 @@ class NorMuon(torch.optim.Optimizer):
 
     def _local_grads(self, index: int) -> Tensor:
         """This rank's matrices of the shape group, rank-averaged: (chunk, *shape). World size > 1 only."""
-        if index not in self._pending:
-            self._launch_reduce(index)  # a hook did not fire with sync on: reduce now, correct if not overlapped
-        work, out = self._pending.pop(index)
-        work.wait()
-        return out
+        return wait_for(self._pending, index, lambda: self._launch_reduce(index))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -1193,14 +1193,19 @@ class GPT(nn.Module):
     def update_norm_scales(self) -> None:
         """Once per optimizer step, outside the compiled forward: moves NORM=derf_ema's running scales (a no-op
         for the other norms)."""
-        update_ema_scales([m for m in self.modules() if isinstance(m, DerfEMA)])
+        update_ema_scales([m for m in self.norm_sites().values() if isinstance(m, DerfEMA)])
+
+    def norm_sites(self) -> dict[str, nn.Module]:
+        """Every block and final norm by name: '<layer>.attn_norm', '<layer>.mlp_norm', then 'final_norm'."""
+        sites = {f"{i}.{name}": getattr(block, name) for i, block in enumerate(self.blocks)
+                 for name in ("attn_norm", "mlp_norm") if getattr(block, name) is not None}
+        return {**sites, "final_norm": self.final_norm}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The model's parameters by optimizer role."""
         blocks = list(self.blocks)
         gates = [b.attn.attn_gate for b in blocks if b.attn] + [self.smear_gate]
-        norms = [b.attn_norm for b in blocks if b.attn] + [b.mlp_norm for b in blocks if b.mlp] + [self.final_norm]
-        norm_params = [p for norm in norms for p in norm.parameters()]
+        norm_params = [p for norm in self.norm_sites().values() for p in norm.parameters()]
         return {"embed": [self.embed.weight] + [e.weight for e in self.value_embeds],
                 "scalar": [self.scalars] + norm_params, "head": [self.lm_head],
                 "qkvo": [b.attn.qkvo_w for b in blocks if b.attn], "c_fc": [b.mlp.c_fc for b in blocks if b.mlp],
@@ -1516,11 +1521,7 @@ class Diagnostics:
     def collect(self, step: int, batch: Tensor) -> dict:
         """The diag record at `step` from one validation micro-batch (rows, seq_len + 1)."""
         model = self.model
-        sites: dict[str, nn.Module] = {"final_norm": model.final_norm}
-        for i, block in enumerate(model.blocks):
-            for name in ("attn_norm", "mlp_norm"):
-                if getattr(block, name) is not None:
-                    sites[f"{i}.{name}"] = getattr(block, name)
+        sites = model.norm_sites()
         activations: dict[str, dict[str, Tensor]] = {}
 
         def hook(key: str) -> Callable:
