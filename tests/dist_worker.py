@@ -17,7 +17,7 @@ def main() -> None:
     device = T.init_distributed(launch)
     hp = T.resolve_auto(hp, device)
     state = T.setup(hp, launch, device)
-    losses = [T.train_step(state, step) for step in range(steps)]
+    losses = [T.read_train_loss(T.train_step(state, step)) for step in range(steps)]
     if launch.rank == 0:
         torch.save({"params": {k: v.detach().clone() for k, v in state.model.state_dict().items()},
                     "losses": losses}, out)

@@ -56,12 +56,33 @@ def test_bad_values_name_variable_value_and_allowed(var, value, words):
     assert words in str(error.value)
 
 
-def test_world_size_must_divide_global_batch():
-    env = {"PRESET": "test", "WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}
-    with pytest.raises(T.ConfigError, match="not a multiple of world size 3"):
-        parse(env)
-    _, launch = parse({**env, "WORLD_SIZE": "2"})
-    assert launch.world_size == 2
+@pytest.mark.parametrize("world, accum", [(1, 8), (2, 4), (4, 2), (8, 1), (16, 1)])
+def test_speedrun_batch_geometry_is_record_48s(world, accum):
+    """#48: one packed chunk of global batch / 8 tokens per forward, 8 / world forwards per rank; above 8 ranks
+    one forward of global batch / world."""
+    env = {"PRESET": "speedrun", "WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}
+    hp, launch = parse(env, cuda=True)
+    geometry = T.batch_geometry(hp, launch.world_size)
+    assert geometry.accum_steps == accum and geometry.chunks == max(8, world)
+    chunk = [geometry.chunk_tokens(b) for b in hp.batch_schedule]
+    assert chunk == ([16384, 32768, 49152] if world <= 8 else [131072 // world, 262144 // world, 393216 // world])
+    assert geometry.chunk_tokens(hp.val_batch_tokens) == 2097152 // max(8, world)
+    assert hp.val_tokens // hp.val_batch_tokens == 5 and hp.max_seq_len == 2048
+
+
+@pytest.mark.parametrize("world, words", [
+    (3, "world size 3 does not divide BATCH_CHUNKS=8"),
+    (6, "world size 6 does not divide BATCH_CHUNKS=8"),
+    (24, "131072 tokens do not split into 24 chunks"),
+])
+def test_world_size_that_divides_neither_way_is_an_error(world, words):
+    with pytest.raises(T.ConfigError, match=words):
+        parse({"PRESET": "speedrun", "WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}, cuda=True)
+
+
+def test_val_tokens_must_be_whole_validation_steps():
+    with pytest.raises(T.ConfigError, match="VAL_TOKENS=1000: expected a multiple of VAL_BATCH_TOKENS=256"):
+        parse({"PRESET": "test", "VAL_TOKENS": "1000"})
 
 
 def test_heads_times_head_dim_must_equal_model_dim():

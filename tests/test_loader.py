@@ -41,49 +41,83 @@ def test_no_matching_files_names_the_variable(tmp_path):
         T.find_shards(str(tmp_path / "*.bin"), "TRAIN_FILES")
 
 
-def rows_for(files, world, steps, rows_per_step=6, seq_len=64):
-    loaders = [T.TrainLoader(files, seq_len, 50304, r, world) for r in range(world)]
-    return [[loader.next_rows(rows_per_step) for loader in loaders] for _ in range(steps)]
+def chunk_stream(files, world, steps, chunk_tokens=64, accum=None, max_seq_len=48):
+    """Per step, the step's chunks in stream order, merged from every rank's loader: chunk c = rank c % world,
+    micro-step c // world."""
+    accum = accum or 4 // world
+    loaders = [T.PackedLoader(files, 50304, max_seq_len, r, world) for r in range(world)]
+    out = []
+    for _ in range(steps):
+        per_rank = [loader.next_step(chunk_tokens, accum) for loader in loaders]
+        out.append([per_rank[c % world][c // world] for c in range(accum * world)])
+    return out
 
 
-def test_loader_same_global_batches_for_every_world_size(shard_dir):
+def test_packed_chunk_stream_is_the_same_at_world_1_2_and_4(shard_dir):
     files = T.find_shards(str(shard_dir / "train_*.bin"), "TRAIN_FILES")
-    single = rows_for(files, 1, steps=40)  # 40 * 6 * 64 tokens: wraps past both shards
-    for world in (2, 3):
-        split = rows_for(files, world, steps=40)
-        for step_single, step_split in zip(single, split):
-            merged = torch.empty_like(step_single[0])
-            for r, part in enumerate(step_split):
-                merged[r::world] = part
-            assert torch.equal(merged, step_single[0])
+    single = chunk_stream(files, 1, steps=150)  # changes shard 6 times: wraps past both shards
+    for world in (2, 4):
+        split = chunk_stream(files, world, steps=150)
+        assert all(torch.equal(a, b) for step_a, step_b in zip(single, split) for a, b in zip(step_a, step_b))
 
 
-def test_loader_is_deterministic_and_bos_aligned(shard_dir):
+def shard_documents(files):
+    """Every document of the shards as a token list, in order."""
+    docs = []
+    for path in files:
+        tokens = T.read_shard(path, 50304).astype(np.int64)
+        starts = np.flatnonzero(tokens == BOS).tolist() + [tokens.size]
+        docs += [tokens[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
+    return docs
+
+
+def test_packed_chunks_are_whole_documents_cut_at_max_seq_len(shard_dir):
+    """Each chunk is 64 + 1 tokens: documents from their BOS, each cut at 48 tokens, the last cut to fill; the
+    next chunk starts at the next document. Checked against the documents read independently of the loader."""
     files = T.find_shards(str(shard_dir / "train_*.bin"), "TRAIN_FILES")
-    a, b = rows_for(files, 1, steps=5), rows_for(files, 1, steps=5)
-    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
-    rows = torch.cat([step[0] for step in a])
-    starts_at_bos = rows[:, 0] == BOS
-    assert starts_at_bos.float().mean() > 0.5
-    # a row that does not start a document had no document start within reach of the cursor
-    assert not (rows[~starts_at_bos, :64] == BOS).any()
+    documents = shard_documents(files)
+    next_doc = 0
+    for step in chunk_stream(files, 1, steps=10):
+        for chunk in step:
+            assert chunk.dtype == torch.int32 and chunk.shape == (65,) and chunk[0] == BOS
+            expected, have = [], 0
+            while have < 65:
+                piece = documents[next_doc][:min(48, 65 - have)]
+                expected += piece
+                have += len(piece)
+                next_doc += 1
+            assert chunk.tolist() == expected
+            starts = (chunk == BOS).nonzero().flatten().tolist() + [65]
+            assert max(b - a for a, b in zip(starts[:-1], starts[1:])) <= 48
 
 
-def test_loader_reset_restarts_the_stream(shard_dir):
+def test_packed_loader_is_deterministic_and_resets(shard_dir):
     files = T.find_shards(str(shard_dir / "train_*.bin"), "TRAIN_FILES")
-    loader = T.TrainLoader(files, 64, 50304, 0, 1)
-    first = loader.next_rows(4)
-    loader.next_rows(4)
+    loader = T.PackedLoader(files, 50304, 48, 0, 1)
+    first = loader.next_step(64, 2)
+    loader.next_step(64, 2)
     loader.reset()
-    assert torch.equal(loader.next_rows(4), first)
+    again = loader.next_step(64, 2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, chunk_stream(files, 1, 1, accum=2)[0]))
 
 
-def test_val_rows_cover_the_same_tokens_at_any_world_size(shard_dir):
+def test_packed_loader_refuses_shards_too_small_for_a_chunk(tmp_path):
+    path = write_test_shard(tmp_path / "tiny.bin", synthetic_tokens(100))
+    loader = T.PackedLoader([str(path)], 50304, 48, 0, 1)
+    with pytest.raises(T.ShardError, match="too few documents for one chunk of 1025 tokens"):
+        loader.next_step(1024, 1)
+
+
+def test_val_sequences_are_consecutive_and_split_by_rank(shard_dir):
     files = [str(shard_dir / "val_000000.bin")]
-    full = T.load_val_rows(files, 64, 1024, 50304, 0, 1)
-    assert full.shape == (16, 65)
-    parts = [T.load_val_rows(files, 64, 1024, 50304, r, 3) for r in range(3)]
-    assert sum(p.size(0) for p in parts) == 16
-    assert torch.equal(parts[1][0], full[1]) and torch.equal(parts[2][1], full[5])
+    stream = T.read_shard(files[0], 50304).astype(np.int64)
+    full = T.load_val_sequences(files, 1024, 128, 50304, 0, 1)
+    assert full.shape == (8, 129)
+    for c, sequence in enumerate(full):  # not aligned to documents: sequence c starts at token c * 128
+        assert sequence.tolist() == stream[c * 128:c * 128 + 129].tolist()
+    parts = [T.load_val_sequences(files, 1024, 128, 50304, r, 4) for r in range(4)]
+    for c in range(8):
+        assert torch.equal(parts[c % 4][c // 4], full[c])
     with pytest.raises(T.ShardError, match="VAL_TOKENS=100000: the val files hold only 8000 tokens"):
-        T.load_val_rows(files, 64, 100000, 50304, 0, 1)
+        T.load_val_sequences(files, 100000, 128, 50304, 0, 1)

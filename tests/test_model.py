@@ -31,44 +31,70 @@ def test_layer_plan_other_depths_are_consistent(depth):
     assert sum(plan.attn) >= 2
 
 
-def naive_mask(docs, window_blocks, block):
-    batch, seq = docs.shape
-    mask = torch.zeros(batch, 1, seq, seq, dtype=torch.bool)
-    for b in range(batch):
-        for q in range(seq):
-            for k in range(seq):
-                mask[b, 0, q, k] = (k <= q and docs[b, q] == docs[b, k] and q // block - k // block < window_blocks)
+def naive_mask(docs, window_tokens):
+    """The mask by its definition, one position pair at a time: k <= q, q - k <= window, one document."""
+    seq = docs.size(0)
+    mask = torch.zeros(seq, seq, dtype=torch.bool)
+    for q in range(seq):
+        for k in range(seq):
+            mask[q, k] = k <= q and q - k <= window_tokens and docs[q] == docs[k]
     return mask
 
 
-@pytest.mark.parametrize("window_blocks", [1, 2, 5])
-def test_mask_equals_naive_per_position_loop(window_blocks):
-    gen = torch.Generator().manual_seed(window_blocks)
-    tokens = torch.randint(0, 100, (2, 48), generator=gen)
-    tokens[tokens < 15] = T.BOS_ID
-    docs = (tokens == T.BOS_ID).cumsum(1)
-    assert torch.equal(T.document_window_mask(docs, window_blocks, 8), naive_mask(docs, window_blocks, 8))
+def packed_docs(seq, seed, mean_doc=40, first_is_bos=True):
+    """Document ids of a packed sequence with random document lengths (a validation sequence starts mid-document
+    when first_is_bos is False)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 1000, (seq,), generator=gen)
+    tokens[torch.rand(seq, generator=gen) < 1 / mean_doc] = T.BOS_ID
+    tokens[0] = T.BOS_ID if first_is_bos else 0
+    return T.document_ids(tokens)
+
+
+@pytest.mark.parametrize("window_tokens", [0, 1, 7, 16, 33, 200])
+def test_mask_equals_naive_per_position_loop(window_tokens):
+    docs = packed_docs(64, seed=window_tokens, mean_doc=10, first_is_bos=False)
+    assert docs[0] == 0 and docs.max() >= 2
+    assert torch.equal(T.document_window_mask(docs, window_tokens), naive_mask(docs, window_tokens))
+
+
+def test_window_is_token_exact_not_blockwise():
+    """#48's window_size=(w * 128, 0): query q sees exactly keys q - w*128 .. q, whatever the 128-blocks."""
+    docs = torch.zeros(300, dtype=torch.long)
+    mask = T.document_window_mask(docs, 128)
+    assert mask[200].nonzero().flatten().tolist() == list(range(72, 201))
+    assert mask[130].nonzero().flatten().tolist() == list(range(2, 131))
 
 
 def test_sdpa_attention_matches_explicit_softmax():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 32, 2, 16, generator=gen) for _ in range(3))
-    docs = torch.tensor([[0] * 10 + [1] * 22])
-    out = T.sdpa_attention(q, k, v, docs, 2, 8, 0.1)
-    mask = naive_mask(docs, 2, 8)[0, 0]
+    docs = torch.tensor([0] * 10 + [1] * 22)
+    out = T.sdpa_attention(q, k, v, T.document_window_mask(docs, 12), 0.1)
+    mask = naive_mask(docs, 12)
     scores = torch.einsum("qhd,khd->hqk", q[0], k[0]) * 0.1
     expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v[0])
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_flex_attention_forward_matches_sdpa_on_cpu():
+@pytest.mark.parametrize("window_tokens", [0, 100, 128, 300, 1000])
+@pytest.mark.parametrize("first_is_bos", [True, False])
+def test_flex_block_mask_forward_matches_sdpa_on_packed_sequences(window_tokens, first_is_bos):
+    """Documents longer than the window (mean 200 tokens, windows down to 0) and windows longer than documents;
+    the tile-level mask has empty, partial and full tiles."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 256, 2, 32, generator=gen) for _ in range(3))
-    tokens = torch.randint(0, 100, (2, 256), generator=gen)
-    docs = (tokens < 3).cumsum(1)
-    flex = T.flex_attention(q, k, v, docs, 3, 64, 0.1)
-    torch.testing.assert_close(flex, T.sdpa_attention(q, k, v, docs, 3, 64, 0.1), rtol=2e-4, atol=2e-4)
+    gen = torch.Generator().manual_seed(window_tokens)
+    q, k, v = (torch.randn(1, 640, 2, 32, generator=gen) for _ in range(3))
+    docs = packed_docs(640, seed=window_tokens + 1, mean_doc=200, first_is_bos=first_is_bos)
+    block_mask = T.flex_block_mask(docs, window_tokens)
+    dense = T.document_window_mask(docs, window_tokens)
+    # the tile classification itself: a tile is listed iff some pair in it may attend
+    tiles = docs.size(0) // T.FLEX_BLOCK
+    some = dense.view(tiles, T.FLEX_BLOCK, tiles, T.FLEX_BLOCK).any(3).any(1)
+    listed = block_mask.to_dense()[0, 0].bool()
+    assert torch.equal(listed, some)
+    flex = T.flex_attention(q, k, v, block_mask, 0.1)
+    torch.testing.assert_close(flex, T.sdpa_attention(q, k, v, dense, 0.1), rtol=2e-4, atol=2e-4)
 
 
 def test_rotary_tables_and_yarn():
@@ -78,13 +104,13 @@ def test_rotary_tables_and_yarn():
     assert rotary.cos.dtype == torch.bfloat16
     before = rotary.freqs.clone()
     rotary.grow_window(7)
-    assert math.isclose(rotary.scale_factor, 1 + 0.2 * math.log(7 / 3))
+    assert math.isclose(rotary.scale_factor.item(), 1 + 0.2 * math.log(7 / 3), rel_tol=1e-6)
     assert rotary.freqs[0] == before[0]  # fast rotations are kept
     assert math.isclose(rotary.freqs[7].item(), before[7].item() * 3 / 7, rel_tol=1e-5)  # slow ones scaled by s
     rotary.grow_window(5)  # shrinking is not a growth: nothing changes
     assert rotary.window == 7
     rotary.reset()
-    assert torch.equal(rotary.freqs, before) and rotary.scale_factor == 1.0
+    assert torch.equal(rotary.freqs, before) and rotary.scale_factor.item() == 1.0
 
 
 def test_rotary_is_a_rotation_that_depends_on_relative_position():
@@ -102,16 +128,16 @@ def test_rotary_is_a_rotation_that_depends_on_relative_position():
 
 def test_step0_val_loss_is_ln_vocab():
     model = T.GPT(hp())
-    idx = torch.randint(0, 50257, (2, 64))
+    idx = torch.randint(0, 50257, (64,))
     with torch.no_grad():
-        loss = model(idx, torch.roll(idx, -1, 1), reduction="mean")
+        loss = model(idx, torch.roll(idx, -1), reduction="mean")
     assert abs(loss.item() - math.log(50304)) < 1e-4
 
 
 def test_forward_backward_reaches_every_parameter_but_zero_inits():
     model = T.GPT(hp())
-    idx = torch.randint(0, 50257, (1, 64))
-    model(idx, torch.roll(idx, -1, 1)).backward()
+    idx = torch.randint(0, 50257, (64,))
+    model(idx, torch.roll(idx, -1)).backward()
     # with the zero head only the head gets a gradient at step 0; nothing is NaN
     assert model.lm_head.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -141,8 +167,11 @@ def test_fp8_kernel_matches_cpu_twin():
 def test_flex_attention_matches_sdpa_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    T.prepare_attention(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 1024, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3))
-    docs = (torch.randint(0, 100, (1, 1024), device="cuda", generator=gen) < 2).cumsum(1)
-    torch.testing.assert_close(T.flex_attention(q, k, v, docs, 3, 128, 0.1),
-                               T.sdpa_attention(q, k, v, docs, 3, 128, 0.1), rtol=2e-2, atol=2e-2)
+    docs = packed_docs(1024, seed=3, mean_doc=300).cuda()
+    for window in (0, 384, 896):
+        flex = T.flex_attention(q, k, v, T.flex_block_mask(docs, window), 0.1)
+        sdpa = T.sdpa_attention(q, k, v, T.document_window_mask(docs, window), 0.1)
+        torch.testing.assert_close(flex, sdpa, rtol=2e-2, atol=2e-2)

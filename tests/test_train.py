@@ -60,18 +60,25 @@ def test_test_preset_run_loss_falls_and_log_parses(run_env, tmp_path, optimizer)
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "normuon"])
 def test_world2_equals_world1(run_env, tmp_path, optimizer):
-    """DistAdam (adamw: on everything) and NorMuon + DistAdam give world 1's parameters at world 2."""
-    env = {**run_env, "OPTIMIZER": optimizer}
+    """The whole step at world 2 (gloo: 2 micro-batches per rank) against world 1 (4 micro-batches), with the Adam
+    groups stepping every second step on two steps' gradients. The chunks are the same; only the order in which
+    the 4 chunk gradients are summed differs ((c0 + c1) + (c2 + c3) against ((c0 + c1) + c2) + c3)."""
+    env = {**run_env, "OPTIMIZER": optimizer, "BATCH_CHUNKS": "4", "BATCH_SCHEDULE": "256", "ADAM_STEP_EVERY": "2"}
     run([sys.executable, "tests/dist_worker.py", str(tmp_path / "w1.pt"), "4"], env)
     run(TORCHRUN + ["tests/dist_worker.py", str(tmp_path / "w2.pt"), "4"], env)
     one, two = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
-    for name, p in one["params"].items():
-        # the moments are bf16 in both runs; the gradients are averaged in a different order
-        torch.testing.assert_close(two["params"][name], p, rtol=2e-2, atol=2e-3, msg=name)
     fresh = T.GPT(T.parse_env({"PRESET": "test"}, False)[0])
+    start = torch.cat([p.flatten() for p in fresh.state_dict().values()])
+    w1 = torch.cat([p.flatten() for p in one["params"].values()])
+    w2 = torch.cat([p.flatten() for p in two["params"].values()])
+    # fp32 sums in another order differ in the last bits; Adam turns that into a sign flip where a gradient is
+    # ~0, and bf16 Polar Express into 1-ulp bf16 flips. Measured |w2 - w1| / |w1 - w0|: 9e-7 (adamw, 21 of 8.1M
+    # elements off by > 1e-6) and 1.3e-5 (normuon, 4655 elements); a gradient reduced after the wrong
+    # micro-batch is off by O(1)
+    assert (w2 - w1).norm() <= 1e-4 * (w1 - start).norm()
     assert one["params"]["embed.weight"].sub(fresh.embed.weight).abs().max() > 0  # training moved the params
     for a, b in zip(one["losses"], two["losses"]):
-        assert abs(a - b) < 1e-3
+        assert abs(a - b) < 1e-5
 
 
 @pytest.mark.slow
@@ -91,7 +98,8 @@ def test_nonfinite_loss_stops_with_step_and_last_finite_loss(run_env, tmp_path, 
     device = torch.device("cpu")
     state = T.setup(T.resolve_auto(hp, device), launch, device)
     real_step = T.train_step
-    monkeypatch.setattr(T, "train_step", lambda s, step: float("nan") if step == 2 else real_step(s, step))
+    monkeypatch.setattr(T, "train_step",
+                        lambda s, step: torch.tensor(float("nan")) if step == 2 else real_step(s, step))
     log = T.RunLog(state.hp, launch, device)
     assert T.train(state, log) == 1
     log.close()
@@ -116,6 +124,6 @@ def test_warmup_restores_every_state(run_env, optimizer):
         state = T.setup(T.resolve_auto(hp, device), launch, device)
         if with_warmup:
             T.warmup(state)
-        return [T.train_step(state, step) for step in range(4)] + [T.evaluate(state)]
+        return [T.read_train_loss(T.train_step(state, step)) for step in range(4)] + [T.evaluate(state)]
 
     assert losses(True) == losses(False)

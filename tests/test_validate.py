@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -215,7 +216,6 @@ def test_bad_logs_are_named_and_excluded(tmp_path: Path, capsys: pytest.CaptureF
     assert result.returncode == validate.EXIT_PASS
 
 
-@pytest.mark.filterwarnings("ignore:Precision loss occurred")
 def test_unusable_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_project_log(tmp_path / "truncated.txt", 3.27, 100.0, finished=False)
     only_bad = run_cli(str(tmp_path))
@@ -272,4 +272,124 @@ def test_plot_with_matplotlib(tmp_path: Path) -> None:
         write_project_log(tmp_path / f"{index}.txt", loss, 100.0, diagnostics=True)
     out = tmp_path / "curves.png"
     assert validate.main(["--plot", str(out), str(tmp_path)]) in (validate.EXIT_PASS, validate.EXIT_FAIL)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.is_file() and out.stat().st_size > 1000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the PNG signature
+
+
+# ---- the statistics, each against a reference computed here (scipy.stats, statistics), not against the code ----
+
+def write_runs(folder: Path, losses: list[float], times_s: list[float], config: dict | None = None,
+               prefix: str = "run") -> Path:
+    """One project log per (loss, time) in `folder` (created); returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (loss, time_s) in enumerate(zip(losses, times_s)):
+        write_project_log(folder / f"{prefix}_{index}.txt", loss, time_s, config=config)
+    return folder
+
+
+def test_alpha_flag_decides_the_record(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    losses = [3.2762, 3.2772, 3.2782, 3.2792, 3.2802]  # mean 3.2782: one-sided p = 0.032 against 3.28
+    folder = write_runs(tmp_path, losses, [130.0, 130.5, 131.0, 129.5, 130.2])
+    expected = stats.ttest_1samp(losses, 3.28, alternative="less").pvalue
+    assert 0.01 < expected < 0.05
+    at_05 = run_main(capsys, "--alpha", "0.05", "--json", str(folder))
+    report = json.loads(at_05.stdout)
+    assert report["test"]["p"] == pytest.approx(expected, rel=1e-9) and report["alpha"] == 0.05
+    assert report["passed"] is True and at_05.returncode == validate.EXIT_PASS
+    default = run_main(capsys, str(folder))
+    assert f"p={expected:.4g}" in default.stdout and "not a record: p >= alpha=0.01" in default.stdout
+    assert default.returncode == validate.EXIT_FAIL
+
+
+def test_std_is_the_sample_std_of_losses_and_times(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    losses, times_s = [3.2751, 3.2802, 3.2779, 3.2760], [131.2, 133.9, 130.4, 132.0]
+    folder = write_runs(tmp_path, losses, times_s)
+    report = json.loads(run_main(capsys, "--json", str(folder)).stdout)
+    (group,) = report["groups"]
+    assert group["loss"]["n"] == 4 and group["loss"]["mean"] == pytest.approx(statistics.mean(losses), rel=1e-12)
+    assert group["loss"]["std"] == pytest.approx(statistics.stdev(losses), rel=1e-9)  # ddof=1
+    assert group["time_s"]["std"] == pytest.approx(statistics.stdev(times_s), rel=1e-9)
+    assert group["time_s"]["mean"] == pytest.approx(statistics.mean(times_s), rel=1e-12)
+    text = run_main(capsys, str(folder)).stdout
+    assert f"std={statistics.stdev(losses):.5f}" in text and f"std={statistics.stdev(times_s):.3f}s" in text
+
+
+def test_compare_welch_statistic_sign_and_p(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    losses_a, times_a = [3.2771, 3.2780, 3.2768, 3.2790, 3.2775], [131.0, 131.4, 130.8, 131.9, 131.1]
+    losses_b, times_b = [3.2801, 3.2789, 3.2812, 3.2795], [128.3, 129.0, 128.1, 128.8]
+    folder_a = write_runs(tmp_path / "a", losses_a, times_a)
+    folder_b = write_runs(tmp_path / "b", losses_b, times_b)
+    result = run_main(capsys, "--compare", str(folder_a), str(folder_b), "--alpha", "0.05", "--json")
+    welch = json.loads(result.stdout)["welch"]
+    # documented: B against A, t = (mean B - mean A) / SE, so A lower than B gives t > 0
+    standard_error = math.sqrt(statistics.variance(losses_a) / 5 + statistics.variance(losses_b) / 4)
+    by_hand = (statistics.mean(losses_b) - statistics.mean(losses_a)) / standard_error
+    loss_ref = stats.ttest_ind(losses_b, losses_a, equal_var=False)
+    assert welch["loss"]["t"] == pytest.approx(by_hand, rel=1e-9) == pytest.approx(loss_ref.statistic, rel=1e-9)
+    assert welch["loss"]["t"] > 0 and welch["loss"]["diff_b_minus_a"] > 0
+    assert welch["loss"]["p"] == pytest.approx(loss_ref.pvalue, rel=1e-9)
+    assert welch["loss"]["df"] == pytest.approx(loss_ref.df, rel=1e-9)
+    time_ref = stats.ttest_ind(times_b, times_a, equal_var=False)
+    assert welch["time_s"]["t"] == pytest.approx(time_ref.statistic, rel=1e-6) and welch["time_s"]["t"] < 0
+    assert welch["time_s"]["p"] == pytest.approx(time_ref.pvalue, rel=1e-6)
+    assert 0.01 < loss_ref.pvalue < 0.05 and result.returncode == validate.EXIT_PASS
+    assert validate.main(["--compare", str(folder_a), str(folder_b)]) == validate.EXIT_FAIL  # alpha 0.01
+
+
+def test_by_interaction_two_sided_p_and_ci(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cells = {("derf", "adamw"): [3.40, 3.43, 3.41], ("derf", "muon"): [3.30, 3.33, 3.31],
+             ("rmsnorm", "adamw"): [3.35, 3.33, 3.36, 3.34], ("rmsnorm", "muon"): [3.27, 3.30]}
+    for (norm, optimizer), losses in cells.items():
+        write_runs(tmp_path, losses, [100.0 + i for i in range(len(losses))],
+                   config={"norm": norm, "optimizer": optimizer}, prefix=f"{norm}_{optimizer}")
+    result = run_main(capsys, "--by", "norm,optimizer", "--json", str(tmp_path))
+    (entry,) = json.loads(result.stdout)["interactions"]
+    assert entry["label"] == "(derf - rmsnorm | optimizer=muon) - (derf - rmsnorm | optimizer=adamw)"
+    mean = {key: statistics.mean(losses) for key, losses in cells.items()}
+    contrast = ((mean["derf", "muon"] - mean["rmsnorm", "muon"])
+                - (mean["derf", "adamw"] - mean["rmsnorm", "adamw"]))  # (a - b) - (c - d)
+    squared_errors = [statistics.variance(losses) / len(losses) for losses in cells.values()]
+    standard_error = math.sqrt(sum(squared_errors))
+    df = sum(squared_errors) ** 2 / sum(e ** 2 / (len(losses) - 1)
+                                        for e, losses in zip(squared_errors, cells.values()))
+    two_sided_p = 2 * stats.t.sf(abs(contrast) / standard_error, df)
+    half_width = stats.t.ppf(0.975, df) * standard_error
+    assert entry["contrast"] == pytest.approx(contrast, rel=1e-9) and contrast < 0
+    assert entry["se"] == pytest.approx(standard_error, rel=1e-9) and entry["df"] == pytest.approx(df, rel=1e-9)
+    assert 0.05 < two_sided_p < 0.9  # where a one-sided p (half of it) cannot pass for it
+    assert entry["p"] == pytest.approx(two_sided_p, rel=1e-9)
+    assert entry["ci"] == pytest.approx([contrast - half_width, contrast + half_width], rel=1e-9)
+    assert entry["ci"][0] < 0 < entry["ci"][1]  # p > 0.05 and a 95% CI that holds 0 go together
+    assert result.returncode == validate.EXIT_PASS
+
+
+def test_nan_runs_are_reported_not_pooled(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    losses = [3.2761, 3.2790, 3.2772]
+    write_runs(tmp_path, losses, [130.0, 131.0, 132.0])
+    write_public_log(tmp_path / "public_nan.txt", "nan", 130.0)
+    write_project_log(tmp_path / "project_nan.txt", float("nan"), 130.0)
+    final_only = write_project_log(tmp_path / "final_inf.txt", 3.2700, 130.0)  # finite step line, inf final line
+    final_only.write_text(final_only.read_text().replace('final: {"val_loss": 3.27', 'final: {"val_loss": Infinity'))
+    result = run_main(capsys, "--json", str(tmp_path))
+    report = json.loads(result.stdout)
+    reasons = {Path(e["path"]).name: e["reason"] for e in report["excluded"]}
+    assert set(reasons) == {"public_nan.txt", "project_nan.txt", "final_inf.txt"}
+    assert all("non-finite" in reason for reason in reasons.values())
+    assert all(f"excluded {tmp_path / name}" in result.stderr for name in reasons)
+    assert report["groups"][0]["loss"]["n"] == 3
+    assert report["groups"][0]["loss"]["mean"] == pytest.approx(statistics.mean(losses), rel=1e-12)
+    expected = stats.ttest_1samp(losses, 3.28, alternative="less")
+    assert report["test"]["p"] == pytest.approx(expected.pvalue, rel=1e-9) and report["test"]["df"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred")  # scipy, on the one set without spread
+def test_identical_losses_are_not_a_record(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # two runs of one seed on deterministic kernels: zero spread, where scipy reports t = -inf and p = 0
+    folder = write_runs(tmp_path / "same", [3.2777, 3.2777], [130.0, 130.4])
+    result = run_main(capsys, str(folder))
+    assert result.returncode == validate.EXIT_UNUSABLE
+    assert "do not vary" in result.stderr and "2 x 3.2777" in result.stderr and "other seeds" in result.stderr
+    other = write_runs(tmp_path / "other", [3.2790, 3.2790], [131.0, 131.2])
+    assert validate.main(["--compare", str(folder), str(other)]) == validate.EXIT_UNUSABLE
+    spread = write_runs(tmp_path / "spread", [3.2790, 3.2795, 3.2785], [131.0, 131.2, 130.9])
+    assert validate.main(["--compare", str(folder), str(spread)]) in (validate.EXIT_PASS, validate.EXIT_FAIL)
