@@ -1357,6 +1357,9 @@ class GPT(nn.Module):
         document, after every real token, so no real token sees them) whose targets are ignored.
         """
         hp, plan = self.hp, self.plan
+        if idx.size(0) > self.rotary.cos.size(0):
+            raise ValueError(f"a sequence of {idx.size(0)} tokens is longer than the rotary table "
+                             f"({self.rotary.cos.size(0)} rows): build GPT with max_seq_len >= the longest sequence")
         use_flex = idx.is_cuda
         if use_flex and idx.size(0) % FLEX_BLOCK:
             pad = FLEX_BLOCK - idx.size(0) % FLEX_BLOCK

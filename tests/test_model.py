@@ -78,14 +78,14 @@ def test_sdpa_attention_matches_explicit_softmax():
 
 
 @pytest.mark.parametrize("window_tokens", [0, 100, 128, 300, 1000])
-@pytest.mark.parametrize("first_is_bos", [True, False])
-def test_flex_block_mask_forward_matches_sdpa_on_packed_sequences(window_tokens, first_is_bos):
-    """Documents longer than the window (mean 200 tokens, windows down to 0) and windows longer than documents;
-    the tile-level mask has empty, partial and full tiles."""
+@pytest.mark.parametrize("first_is_bos, mean_doc", [(True, 200), (False, 200), (True, 2000)])
+def test_flex_block_mask_forward_matches_sdpa_on_packed_sequences(window_tokens, first_is_bos, mean_doc):
+    """Documents longer than the window (mean 200 or 2000 tokens, windows down to 0) and windows longer than
+    documents; the tile-level mask has empty, partial and full tiles."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     gen = torch.Generator().manual_seed(window_tokens)
     q, k, v = (torch.randn(1, 640, 2, 32, generator=gen) for _ in range(3))
-    docs = packed_docs(640, seed=window_tokens + 1, mean_doc=200, first_is_bos=first_is_bos)
+    docs = packed_docs(640, seed=window_tokens + 1, mean_doc=mean_doc, first_is_bos=first_is_bos)
     block_mask = T.flex_block_mask(docs, window_tokens)
     dense = T.document_window_mask(docs, window_tokens)
     # the tile classification itself: a tile is listed iff some pair in it may attend
@@ -175,3 +175,57 @@ def test_flex_attention_matches_sdpa_on_cuda():
         flex = T.flex_attention(q, k, v, T.flex_block_mask(docs, window), 0.1)
         sdpa = T.sdpa_attention(q, k, v, T.document_window_mask(docs, window), 0.1)
         torch.testing.assert_close(flex, sdpa, rtol=2e-2, atol=2e-2)
+
+
+def trained_like_model(smear=True):
+    """The test-preset model with every zero-initialized weight (head, output projections, gates) made random, so
+    that every path carries signal; smear=False zeroes the smear lambda (the one path from a token to the next
+    position, which #48 applies across document boundaries too)."""
+    model = T.GPT(hp(window_block_tokens=8, long_windows="3"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        for block in model.blocks:
+            if block.attn is not None:  # the output projection: qkvo_w's last quarter of rows
+                out_rows = block.attn.qkvo_w[3 * block.attn.qkvo_w.size(1):]
+                out_rows.copy_(torch.randn(out_rows.shape, generator=gen) * 0.05)
+        model.scalars[model.scalar_slices["smear"]] = 0.5 if smear else 0.0
+    return model.eval()
+
+
+def doc_tokens(lengths, seed):
+    gen = torch.Generator().manual_seed(seed)
+    docs = [torch.cat([torch.tensor([T.BOS_ID]), torch.randint(0, 50000, (n - 1,), generator=gen)]) for n in lengths]
+    return torch.cat(docs)
+
+
+def test_documents_do_not_see_each_other_through_the_whole_model():
+    """Changing every token of document A but its last (which the smear carries into B's first position, as #48)
+    leaves the per-token loss of the later document B unchanged; documents are longer than the windows (8 * 3 =
+    24 tokens long, 12 short) so that both masks matter. A model that ignores boundaries fails this."""
+    model = trained_like_model()
+    tokens = doc_tokens([40, 50], seed=1)
+    changed = tokens.clone()
+    changed[1:39] = doc_tokens([39], seed=2)[1:]
+    with torch.no_grad():
+        before = model(tokens[:-1], tokens[1:], reduction="none")
+        after = model(changed[:-1], changed[1:], reduction="none")
+    assert (before[:38] - after[:38]).abs().max() > 1e-3  # document A itself did change
+    torch.testing.assert_close(after[40:], before[40:], rtol=0, atol=1e-5)
+
+
+def test_packed_validation_loss_equals_naive_per_document_loss():
+    """A validation sequence starts mid-document and packs several documents; its summed loss equals the sum over
+    documents of each one run alone (smear off: it is the only path across documents). Rotary positions differ
+    (packed vs from 0), which only the bf16 tables' rounding sees."""
+    model = trained_like_model(smear=False)
+    sequence = doc_tokens([30, 45, 20, 33], seed=3)[7:]  # starts inside the first document; 121 tokens
+    inputs, targets = sequence[:-1], sequence[1:]
+    with torch.no_grad():
+        packed = model(inputs, targets, reduction="sum")
+        starts = [0] + (inputs == T.BOS_ID).nonzero().flatten().tolist() + [inputs.size(0)]
+        naive = sum(model(inputs[a:b], targets[a:b], reduction="sum") for a, b in zip(starts[:-1], starts[1:]) if b > a)
+    assert len(starts) == 5  # a partial document, then three whole ones
+    torch.testing.assert_close(packed, naive, rtol=1e-4, atol=0)

@@ -127,3 +127,29 @@ def test_warmup_restores_every_state(run_env, optimizer):
         return [T.read_train_loss(T.train_step(state, step)) for step in range(4)] + [T.evaluate(state)]
 
     assert losses(True) == losses(False)
+
+
+@pytest.mark.slow
+def test_compiled_run_has_no_recompile_after_warmup(run_env, tmp_path):
+    """COMPILE=1 on CPU: the model compiles fullgraph, and warmup covers every shape and window the run uses (two
+    batch phases, the extension's window, every validation's windows, the final one), so the log carries no
+    recompile warning. The detector itself is checked by the next test."""
+    env = {**run_env, "COMPILE": "1", "WARMUP": "1", "NUM_ITERATIONS": "5", "EXTENSION_ITERATIONS": "1",
+           "BATCH_SCHEDULE": "128,256", "LONG_WINDOWS": "2,4", "EXTENSION_WINDOW": "6", "FINAL_WINDOW": "8",
+           "VAL_EVERY": "2", "ADAM_STEP_EVERY": "2", "RUN_TAG": "compiled"}
+    run([sys.executable, "train_gpt.py"], env, timeout=600)
+    log = parse_log(next((tmp_path / "logs").glob("*_compiled_*.txt")))
+    assert log["config"]["compile"] is True and log["final"]["status"] == "complete"
+    assert not [line for line in log["lines"] if line.startswith("warning:")]
+    assert [line.split()[0] for line in log["vals"]] == ["step:0/5", "step:2/5", "step:4/5", "step:5/5"]
+
+
+def test_recompile_detector_counts_new_graphs():
+    before = T.compiled_graphs()
+    compiled = torch.compile(lambda x: x * 3 + 1, backend="eager", dynamic=False)
+    compiled(torch.ones(3))
+    assert T.compiled_graphs() == before + 1
+    compiled(torch.ones(3))
+    assert T.compiled_graphs() == before + 1  # same shape: no new graph
+    compiled(torch.ones(4))
+    assert T.compiled_graphs() == before + 2
