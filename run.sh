@@ -60,7 +60,7 @@ case "$command" in
         ;;
     test)
         ensure_requirements
-        "$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q -r tests/requirements.txt
+        "$PY" -c "import pytest, matplotlib" 2>/dev/null || "$PY" -m pip install -q -r tests/requirements.txt
         exec "$PY" -m pytest -q "$@"
         ;;
     data)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as T
 
@@ -66,11 +67,11 @@ def test_window_is_token_exact_not_blockwise():
     assert mask[130].nonzero().flatten().tolist() == list(range(2, 131))
 
 
-def test_sdpa_attention_matches_explicit_softmax():
+def test_dense_attention_matches_explicit_softmax():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 32, 2, 16, generator=gen) for _ in range(3))
     docs = torch.tensor([0] * 10 + [1] * 22)
-    out = T.sdpa_attention(q, k, v, T.document_window_mask(docs, 12), 0.1)
+    out = T.dense_attention(q, k, v, T.document_window_mask(docs, 12), 0.1)
     mask = naive_mask(docs, 12)
     scores = torch.einsum("qhd,khd->hqk", q[0], k[0]) * 0.1
     expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v[0])
@@ -79,7 +80,7 @@ def test_sdpa_attention_matches_explicit_softmax():
 
 @pytest.mark.parametrize("window_tokens", [0, 100, 128, 300, 1000])
 @pytest.mark.parametrize("first_is_bos, mean_doc", [(True, 200), (False, 200), (True, 2000)])
-def test_flex_block_mask_forward_matches_sdpa_on_packed_sequences(window_tokens, first_is_bos, mean_doc):
+def test_flex_block_mask_forward_matches_dense_attention_on_packed_sequences(window_tokens, first_is_bos, mean_doc):
     """Documents longer than the window (mean 200 or 2000 tokens, windows down to 0) and windows longer than
     documents; the tile-level mask has empty, partial and full tiles."""
     pytest.importorskip("torch.nn.attention.flex_attention")
@@ -94,7 +95,7 @@ def test_flex_block_mask_forward_matches_sdpa_on_packed_sequences(window_tokens,
     listed = block_mask.to_dense()[0, 0].bool()
     assert torch.equal(listed, some)
     flex = T.flex_attention(q, k, v, block_mask, 0.1)
-    torch.testing.assert_close(flex, T.sdpa_attention(q, k, v, dense, 0.1), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(flex, T.dense_attention(q, k, v, dense, 0.1), rtol=2e-4, atol=2e-4)
 
 
 def test_rotary_tables_and_yarn():
@@ -164,7 +165,7 @@ def test_fp8_kernel_matches_cpu_twin():
 
 
 @pytest.mark.cuda
-def test_flex_attention_matches_sdpa_on_cuda():
+def test_flex_attention_matches_dense_attention_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     T.prepare_attention(torch.device("cuda"))
@@ -173,8 +174,8 @@ def test_flex_attention_matches_sdpa_on_cuda():
     docs = packed_docs(1024, seed=3, mean_doc=300).cuda()
     for window in (0, 384, 896):
         flex = T.flex_attention(q, k, v, T.flex_block_mask(docs, window), 0.1)
-        sdpa = T.sdpa_attention(q, k, v, T.document_window_mask(docs, window), 0.1)
-        torch.testing.assert_close(flex, sdpa, rtol=2e-2, atol=2e-2)
+        dense = T.dense_attention(q, k, v, T.document_window_mask(docs, window), 0.1)
+        torch.testing.assert_close(flex, dense, rtol=2e-2, atol=2e-2)
 
 
 def trained_like_model(smear=True):
@@ -229,3 +230,18 @@ def test_packed_validation_loss_equals_naive_per_document_loss():
         naive = sum(model(inputs[a:b], targets[a:b], reduction="sum") for a, b in zip(starts[:-1], starts[1:]) if b > a)
     assert len(starts) == 5  # a partial document, then three whole ones
     torch.testing.assert_close(packed, naive, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_evaluation_head_on_slices_equals_the_whole_sequence(monkeypatch, reduction):
+    """Evaluation runs the head and loss on slices of EVAL_HEAD_TOKENS tokens; with slices of 24 (not dividing the
+    sequence) the losses equal the training path's single-shot ones, ignored targets (-100) included."""
+    model = trained_like_model()
+    tokens = doc_tokens([40, 30, 31], seed=7)
+    targets = tokens[1:].clone()
+    targets[-5:] = -100
+    with torch.no_grad():
+        whole = model.train()(tokens[:-1], targets, reduction=reduction)
+        monkeypatch.setattr(T, "EVAL_HEAD_TOKENS", 24)
+        sliced = model.eval()(tokens[:-1], targets, reduction=reduction)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)

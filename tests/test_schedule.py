@@ -112,13 +112,13 @@ def effective_scales(model, monkeypatch):
     """The softmax scale each attention call really applies: the kernel's scale times q's RMS (q is RMS-normed, so
     its RMS is the factor multiplied into it), recorded through a forward."""
     seen = []
-    real = T.sdpa_attention
+    real = T.dense_attention
 
     def record(q, k, v, mask, scale):
         seen.append(scale * q.float().square().mean(-1).sqrt().mean().item())
         return real(q, k, v, mask, scale)
 
-    monkeypatch.setattr(T, "sdpa_attention", record)
+    monkeypatch.setattr(T, "dense_attention", record)
     idx = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(idx, idx)
