@@ -808,6 +808,7 @@ class NorMuon(torch.optim.Optimizer):
         self.comm_group_of = {p: i for i, params in enumerate(self.comm_groups) for p in params}
         self._ready = [0] * len(self.comm_groups)
         self._pending: dict[int, tuple[dist.Work, Tensor]] = {}
+        self._index_tensors: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
         self.bytes_sent = 0  # per-rank bytes that the collectives of this optimizer sent (ring algorithm)
         for p in self.group_index:
             p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -874,9 +875,16 @@ class NorMuon(torch.optim.Optimizer):
             return self._update_batch(params, grads, group_index, step_scalars)
         out = torch.empty_like(grads)
         for group_index, members in by_group.items():
-            rows = torch.tensor(members, device=grads.device)
+            rows = self._index_tensor(members, grads.device)
             out[rows] = self._update_batch([params[i] for i in members], grads[rows], group_index, step_scalars)
         return out
+
+    def _index_tensor(self, members: list[int], device: torch.device) -> Tensor:
+        """members as a device index tensor, made once (a host-to-device copy waits for the device)."""
+        key = (tuple(members), device)
+        if key not in self._index_tensors:
+            self._index_tensors[key] = torch.tensor(members, device=device)
+        return self._index_tensors[key]
 
     def _update_batch(self, params: list[Tensor], grads: Tensor, group_index: int,
                       step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]]) -> Tensor:

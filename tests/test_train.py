@@ -153,3 +153,24 @@ def test_recompile_detector_counts_new_graphs():
     assert T.compiled_graphs() == before + 1  # same shape: no new graph
     compiled(torch.ones(4))
     assert T.compiled_graphs() == before + 2
+
+
+@pytest.mark.cuda
+def test_training_step_has_no_host_sync_on_cuda(run_env):
+    """A whole step (packed chunks to the GPU, forward, backward, NorMuon and DistAdam) runs under CUDA's sync
+    debug mode set to error: any operation that waits for the device raises. The first step is outside (lazy
+    state and compile)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    hp, launch = T.parse_env({**run_env, "ADAM_STEP_EVERY": "2", "COMPILE": "0", "FP8": "0"}, cuda_available=True)
+    device = torch.device("cuda", 0)
+    state = T.setup(T.resolve_auto(hp, device), launch, device)
+    T.train_step(state, 0)
+    T.train_step(state, 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [T.train_step(state, step) for step in (2, 3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) for loss in losses)
