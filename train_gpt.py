@@ -29,6 +29,7 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -65,7 +66,8 @@ _positive = (lambda v: v > 0, "a number > 0")
 _non_negative = (lambda v: v >= 0, "a number >= 0")
 _fraction = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 _positive_all = (lambda v: len(v) > 0 and all(x > 0 for x in v), "a comma-separated list of numbers > 0")
-_positive_each = (lambda v: all(x > 0 for x in v), "a comma-separated list (may be empty) of numbers > 0")
+_increasing_fractions = (lambda v: all(0 < x < 1 for x in v) and all(a < b for a, b in zip(v, v[1:])),
+                         "an increasing comma-separated list (may be empty) of numbers in (0, 1)")
 
 
 @dataclass
@@ -125,7 +127,8 @@ class Hyperparameters:
     compile: bool | None = _hp(None, "torch.compile the model (auto: on with CUDA)")
     # learning-rate schedule (x = step / scheduled steps)
     lr_boosts: tuple[float, ...] = _hp((1.0, 1.51, 1.93), "peak lr multiplier in each third", check=_positive_all)
-    lr_boost_at: tuple[float, ...] = _hp((0.33, 0.66), "x where the next lr boost starts", check=_positive_each)
+    lr_boost_at: tuple[float, ...] = _hp((0.33, 0.66), "x where the next lr boost starts",
+                                         check=_increasing_fractions)
     cooldown_frac: float = _hp(0.55, "last fraction of the schedule that decays linearly",
                                check=(lambda v: 0 < v <= 1, "a number in (0, 1]"))
     final_lr_frac: float = _hp(0.1, "lr multiplier at the end of the decay and in the extension",
@@ -144,8 +147,17 @@ class Hyperparameters:
                                  "(swept on the cpu preset: 0.001-0.002 best, 0.008 worse; see README)",
                                  check=_positive)
     # matrix optimizer
-    optimizer: str = _hp("normuon", "optimizer of the hidden matrices and gates",
-                         choices=("normuon", "muon", "adamw"))
+    optimizer: str = _hp("normuon", "optimizer of the hidden matrices and gates (muonmax: the MuonMax/Momo paper's "
+                         "regularized max-norm method, its own lr MUONMAX_LR)",
+                         choices=("normuon", "muon", "adamw", "muonmax"))
+    muonmax_lr: float = _hp(0.05, "OPTIMIZER=muonmax: lr of the matrices (the step is lr * the summed dual norm "
+                            "of the per-token-mean momentum, ~0.5-2 on the cpu preset, so not Muon's scale)",
+                            check=_positive)
+    momo: bool = _hp(False, "Momo model truncation of the joint step, on top of any OPTIMIZER (needs "
+                     "ADAM_STEP_EVERY=1)")
+    momo_lb: float = _hp(0.0, "Momo's lower bound on the per-token mean train loss")
+    momo_beta: float = _hp(0.9, "Momo's EMA factor for the loss, gradient and <gradient, weights> averages",
+                           check=_fraction)
     ortho: str = _hp("polar", "orthogonalization: Polar Express or Newton-Schulz quintic", choices=("polar", "ns5"))
     cwd: bool = _hp(True, "cautious weight decay (off: plain decoupled decay)")
     muon_lr: float = _hp(0.023, "NorMuon/Muon lr", check=_positive)
@@ -245,6 +257,79 @@ def _check_field(f: dataclasses.Field, value: object) -> None:
             raise ConfigError(f"{name}={shown}: expected {rule}")
 
 
+# Flags in SPEC that this version does not build yet: set, they are refused (a silently ignored RESUME would train
+# from scratch). A name leaves the list by becoming a Hyperparameters field (planned_flags() subtracts the fields).
+PLANNED_FLAGS = ("SAVE_CHECKPOINT", "RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_DIR", "CHECKPOINT_KEEP", "MOMO",
+                 "MOMO_LB")
+# Flags of earlier versions, refused with what replaced them.
+RENAMED_FLAGS = {
+    "SEQ_LEN": ("MAX_SEQ_LEN", "which only cuts documents in a packed training chunk; a chunk is BATCH_SCHEDULE / "
+                "max(world size, BATCH_CHUNKS) tokens"),
+    "MICRO_BATCH_ROWS": ("BATCH_CHUNKS", "packed chunks per step; forwards per rank = BATCH_CHUNKS / world size"),
+}
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def planned_flags() -> tuple[str, ...]:
+    fields = {env_name(f.name) for f in dataclasses.fields(Hyperparameters)}
+    return tuple(name for name in PLANNED_FLAGS if name not in fields)
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions and swaps of two neighbours each
+    cost 1 (NROM -> NORM is 1)."""
+    rows = [list(range(len(b) + 1))]
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(rows[i - 1][j] + 1, row[j - 1] + 1, rows[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], rows[i - 2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def typo_tolerance(name: str) -> int:
+    """Edits a misspelling of `name` may hold: none for 3 letters (PWD is not CWD), 1 up to 9, 2 above. Real
+    machine variables (PATH, HOME, TERM, CUDA_VISIBLE_DEVICES, NCCL_*, TORCH_*) are further than that from every
+    flag, so only typos trip it."""
+    return 0 if len(name) <= 3 else 1 if len(name) <= 9 else 2
+
+
+def check_flag_names(environ: Mapping[str, str]) -> None:
+    """ConfigError naming every env var that looks meant for this trainer but is not a flag: a planned flag not
+    built yet, a renamed flag, a flag name in another case (norm=derf), or a close misspelling (NROM=derf)."""
+    fields = [env_name(f.name) for f in dataclasses.fields(Hyperparameters)]
+    planned = planned_flags()
+    known = set(fields) | set(LAUNCH_VARS)
+    problems = []
+    for var in sorted(environ):
+        if var in known:
+            continue
+        setting = f"{var}={environ[var]}"
+        if var in planned:
+            problems.append(f"{setting}: {var} is planned but not built yet; unset it")
+            continue
+        if var in RENAMED_FLAGS:
+            replacement, meaning = RENAMED_FLAGS[var]
+            problems.append(f"{setting}: renamed {replacement} ({meaning}); unset {var}")
+            continue
+        upper = var.upper()
+        # the length test first: it bounds the distance from below and spares most distance computations
+        near = [(edit_distance(upper, name), name) for name in fields + list(planned) + list(RENAMED_FLAGS)
+                if abs(len(upper) - len(name)) <= typo_tolerance(name)]
+        near = [(distance, name) for distance, name in near if distance <= typo_tolerance(name)]
+        if not near:
+            continue
+        close = min(near)[1]
+        hint = (" (not built yet)" if close in planned else
+                f" (now {RENAMED_FLAGS[close][0]})" if close in RENAMED_FLAGS else "")
+        kind = "flags are upper case" if upper == close else "not a flag"
+        problems.append(f"{setting}: {kind}; did you mean {close}?{hint}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 @dataclass(frozen=True)
 class Launch:
     """Where this process sits in the job, from torchrun's env (a plain `python train_gpt.py` is rank 0 of 1)."""
@@ -256,6 +341,7 @@ class Launch:
 
 def parse_env(environ: Mapping[str, str], cuda_available: bool | None = None) -> tuple[Hyperparameters, Launch]:
     """The one place that reads the environment: hyperparameter overrides and torchrun's RANK/WORLD_SIZE."""
+    check_flag_names(environ)
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     hints = typing.get_type_hints(Hyperparameters)
@@ -272,6 +358,7 @@ def parse_env(environ: Mapping[str, str], cuda_available: bool | None = None) ->
         _check_field(f, getattr(hp, f.name))
     launch = Launch(*(_parse_launch(environ, key, default) for key, default in
                       (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
+    check_launch(environ, launch)
     check_consistency(hp, launch.world_size)
     return hp, launch
 
@@ -286,35 +373,68 @@ def _parse_launch(environ: Mapping[str, str], key: str, default: int) -> int:
     return value
 
 
+def check_launch(environ: Mapping[str, str], launch: Launch) -> None:
+    """A world of several processes needs a rendezvous (torchrun sets MASTER_ADDR/MASTER_PORT for every rank); a
+    plain `python train_gpt.py` under WORLD_SIZE=2 would wait in init_process_group for a rank that never comes."""
+    torchrun = (f"launch with torchrun (torchrun --standalone --nproc_per_node={max(launch.world_size, 2)} "
+                f"train_gpt.py), or unset RANK, LOCAL_RANK and WORLD_SIZE")
+    if launch.rank >= launch.world_size:
+        raise ConfigError(f"RANK={launch.rank}: expected less than WORLD_SIZE={launch.world_size}"
+                          f"{'' if 'WORLD_SIZE' in environ else ' (unset)'}; {torchrun}")
+    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(key)]
+    if launch.world_size > 1 and missing:
+        raise ConfigError(f"WORLD_SIZE={launch.world_size} without {' and '.join(missing)}: one process cannot "
+                          f"start a world of {launch.world_size}; {torchrun}")
+
+
 def check_consistency(hp: Hyperparameters, world_size: int) -> None:
-    """Checks that span fields; a world size that does not divide the global batch is an error, never a change."""
+    """Checks that span fields, all in one error: raising one size often breaks two rules at once, so the error
+    names every field that must change together, with a value that fits. A world size that does not divide the
+    global batch is an error, never a change."""
+    problems = []
     if hp.num_heads * hp.head_dim != hp.model_dim:
-        raise ConfigError(f"NUM_HEADS={hp.num_heads} * HEAD_DIM={hp.head_dim} != MODEL_DIM={hp.model_dim}: "
-                          "set them so that the product equals the model width")
+        problems.append(f"NUM_HEADS={hp.num_heads} * HEAD_DIM={hp.head_dim} != MODEL_DIM={hp.model_dim}: "
+                        "set them so that the product equals the model width")
     if hp.gate_input_dim > hp.model_dim:
-        raise ConfigError(f"GATE_INPUT_DIM={hp.gate_input_dim}: expected at most MODEL_DIM={hp.model_dim}")
+        problems.append(f"GATE_INPUT_DIM={hp.gate_input_dim}: expected at most MODEL_DIM={hp.model_dim}")
     if hp.extension_iterations >= hp.num_iterations:
-        raise ConfigError(f"EXTENSION_ITERATIONS={hp.extension_iterations}: expected fewer than "
-                          f"NUM_ITERATIONS={hp.num_iterations}")
+        problems.append(f"EXTENSION_ITERATIONS={hp.extension_iterations}: expected fewer than "
+                        f"NUM_ITERATIONS={hp.num_iterations}")
     if len(hp.lr_boosts) != len(hp.lr_boost_at) + 1:
-        raise ConfigError(f"LR_BOOSTS has {len(hp.lr_boosts)} values: expected one more than LR_BOOST_AT "
-                          f"({len(hp.lr_boost_at)} values)")
+        problems.append(f"LR_BOOSTS has {len(hp.lr_boosts)} values: expected one more than LR_BOOST_AT "
+                        f"({len(hp.lr_boost_at)} values)")
+    if hp.momo and hp.adam_step_every != 1:
+        problems.append(f"MOMO=1 with ADAM_STEP_EVERY={hp.adam_step_every}: Momo's model takes one gradient per "
+                        f"step for every parameter; set ADAM_STEP_EVERY=1")
     if world_size < hp.batch_chunks and hp.batch_chunks % world_size:
-        raise ConfigError(f"world size {world_size} does not divide BATCH_CHUNKS={hp.batch_chunks}: launch a world size "
-                          f"that divides it (gradient accumulation), or one that is a multiple of it")
+        problems.append(f"world size {world_size} does not divide BATCH_CHUNKS={hp.batch_chunks}: launch a world "
+                        f"size that divides it (gradient accumulation), or one that is a multiple of it")
     chunks = max(world_size, hp.batch_chunks)
-    for batch in hp.batch_schedule:
-        if batch % chunks or (batch // chunks) % hp.window_block_tokens:
-            raise ConfigError(
-                f"BATCH_SCHEDULE={','.join(map(str, hp.batch_schedule))}: {batch} tokens do not split into {chunks} "
-                f"chunks (max(world size {world_size}, BATCH_CHUNKS={hp.batch_chunks})) of a multiple of "
-                f"WINDOW_BLOCK_TOKENS={hp.window_block_tokens} tokens; use a world size that divides the batch or "
-                f"change these values")
-    if hp.val_batch_tokens % chunks or (hp.val_batch_tokens // chunks) % hp.window_block_tokens:
-        raise ConfigError(f"VAL_BATCH_TOKENS={hp.val_batch_tokens}: expected a multiple of {chunks} sequences of a "
-                          f"multiple of WINDOW_BLOCK_TOKENS={hp.window_block_tokens} tokens")
-    if hp.val_tokens % hp.val_batch_tokens:
-        raise ConfigError(f"VAL_TOKENS={hp.val_tokens}: expected a multiple of VAL_BATCH_TOKENS={hp.val_batch_tokens}")
+    unit = chunks * hp.window_block_tokens  # a batch is `chunks` sequences of whole attention blocks
+    round_up = lambda tokens, multiple: max(multiple, -(-tokens // multiple) * multiple)
+    split = lambda pieces: (f"{chunks} {pieces} (max(world size {world_size}, BATCH_CHUNKS={hp.batch_chunks})) of a "
+                            f"multiple of WINDOW_BLOCK_TOKENS={hp.window_block_tokens} tokens")
+    uneven = [batch for batch in hp.batch_schedule if batch % unit]
+    if uneven:
+        fitted = ",".join(str(round_up(batch, unit)) for batch in hp.batch_schedule)
+        problems.append(f"BATCH_SCHEDULE={','.join(map(str, hp.batch_schedule))}: {uneven[0]} tokens do not split "
+                        f"into {split('chunks')}; use multiples of {unit} (e.g. BATCH_SCHEDULE={fitted}), or change "
+                        f"BATCH_CHUNKS, WINDOW_BLOCK_TOKENS or the world size")
+    val_batch_tokens = hp.val_batch_tokens
+    if val_batch_tokens % unit:
+        val_batch_tokens = round_up(val_batch_tokens, unit)
+        problems.append(f"VAL_BATCH_TOKENS={hp.val_batch_tokens}: expected a multiple of {unit}, to split into "
+                        f"{split('sequences')} (e.g. VAL_BATCH_TOKENS={val_batch_tokens})")
+    if hp.val_tokens % val_batch_tokens:
+        fitted = f"VAL_TOKENS={round_up(hp.val_tokens, val_batch_tokens)}"
+        if val_batch_tokens == hp.val_batch_tokens:
+            problems.append(f"VAL_TOKENS={hp.val_tokens}: expected a multiple of VAL_BATCH_TOKENS={val_batch_tokens} "
+                            f"(e.g. {fitted})")
+        else:
+            problems.append(f"VAL_TOKENS={hp.val_tokens}: expected a multiple of VAL_BATCH_TOKENS (e.g. {fitted} "
+                            f"with VAL_BATCH_TOKENS={val_batch_tokens})")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -362,24 +482,41 @@ def help_text() -> str:
             default = ",".join(map(str, default))
         choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata.get("choices") else ""
         lines.append(f"  {env_name(f.name):24} {str(default):36} {f.metadata['help']}{choices}")
+    lines += ["Any other env var that looks meant as a flag (another case, a close misspelling, a renamed or a "
+              "planned one: " + ", ".join(planned_flags() + tuple(RENAMED_FLAGS)) + ") stops the run.",
+              "Arguments: --help (this), --check (check the flags and LOG_DIR, then exit). Exit codes: 0 finished, "
+              "1 non-finite loss, 2 bad input, 130/143 stopped by SIGINT/SIGTERM."]
     return "\n".join(lines)
 
 
 # ---- distributed ----
 
 
+def pick_device(launch: Launch) -> torch.device:
+    """This rank's GPU (LOCAL_RANK), or the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if launch.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK={launch.local_rank}: this machine has {torch.cuda.device_count()} GPU(s); "
+                          f"launch at most that many processes per node (torchrun --nproc_per_node)")
+    return torch.device("cuda", launch.local_rank)
+
+
 def init_distributed(launch: Launch) -> torch.device:
     """Picks the device and, for world size > 1, joins the process group (NCCL on CUDA, gloo on CPU)."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", launch.local_rank)
+    device = pick_device(launch)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if launch.world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, **kwargs)
     return device
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
@@ -401,6 +538,12 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+# torch 2.13 renamed the single-tensor collectives (*_single) and made the old names warn on every rank at every
+# call site; TORCH_MIN (2.11) has only the old names. Chosen here once; the optimizers call these two.
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def wait_for(pending: dict, key: object, launch: Callable[[], None]) -> Tensor:
@@ -575,27 +718,96 @@ def fp8_linear(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale:
 
 
 def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
-                beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+                beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool = True) -> None:
     """One bias-corrected Adam step with decoupled weight decay, in place (Kingma & Ba; Loshchilov & Hutter).
 
     param, grad: any shape, equal; exp_avg, exp_avg_sq: the same shape, any float dtype (bf16 in DistAdam); the
     moments are updated in fp32 and stored back in their own dtype. step and lr may be numbers or 0-D tensors (the
-    compiled DistAdam passes tensors so that a new step or lr does not recompile).
+    compiled DistAdam passes tensors so that a new step or lr does not recompile). bias_correction=False divides
+    by neither 1 - beta1**step nor 1 - beta2**step (MuonMax's Adam part).
     """
     grad = grad.float()
     m = exp_avg.float().lerp_(grad, 1 - beta1)
     v = exp_avg_sq.float().lerp_(grad.square(), 1 - beta2)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    m_hat = m / (1 - beta1 ** step)
-    v_hat = v / (1 - beta2 ** step)
+    m_hat = m / (1 - beta1 ** step) if bias_correction else m
+    v_hat = v / (1 - beta2 ** step) if bias_correction else v
     update = m_hat / (v_hat.sqrt() + eps)
     if weight_decay:
         param.mul_(1 - lr * weight_decay)
     param.sub_((update * lr).to(param.dtype))
 
 
-class DistAdam(torch.optim.Optimizer):
+@dataclass
+class LocalUpdate:
+    """A piece of the parameters that this rank updates in a step, as prepare() leaves it: value (its current
+    values: a view of rows, or a stack of whole matrices), grad (their rank-averaged gradient) and delta (the
+    full update, new value - value), all one shape; commit(new) writes the new values (and launches their
+    all-gather). Keys are stable from step to step, so Momo can keep state per piece."""
+
+    key: object
+    value: Tensor
+    grad: Tensor
+    delta: Tensor
+    commit: Callable[[Tensor], None]
+
+
+class LoopOptimizer(torch.optim.Optimizer):
+    """The contract between the training loop and every optimizer here, written once. A new optimizer derives
+    from this class, implements prepare() and _commit_all(), and is built in build_optimizers().
+
+    - step_every: the loop steps the optimizer after the backward of each step with (step + 1) % step_every == 0
+      and after the last step; in between, gradients accumulate in .grad (two steps' gradients for #48's Adam).
+    - sync: True exactly during the last backward before a step, so that post-accumulate-grad hooks may launch
+      the gradient reduce-scatters while the backward goes on; False otherwise.
+    - set_schedule(lr_multiplier, momentum, grad_scale), before every step: the schedule's lr multiplier and
+      momentum go into every param group ("schedule"; "momentum" where a group has one); grad_scale is how many
+      times the gradients exceed those of the per-token mean loss (the loop sums each chunk's token losses, as
+      #48), for the updates whose size follows the gradient's size (MuonMax, Momo).
+    - step(): the whole update; afterwards every rank holds the new parameters and the grads are cleared.
+    - prepare() -> [LocalUpdate], then apply(updates, scale): the same update in two halves, scale (a 0-D device
+      tensor, or None for 1) multiplying every delta; Momo scales the joint step of all optimizers this way.
+    """
+
+    def __init__(self, param_groups: list[dict], defaults: dict):
+        super().__init__(param_groups, defaults)
+        self.world, self.rank = world_size(), rank()
+        self.step_every = 1
+        self.sync = False
+        self.grad_scale = 1.0
+
+    def set_schedule(self, lr_multiplier: float, momentum: float, grad_scale: float) -> None:
+        for group in self.param_groups:
+            group["schedule"] = lr_multiplier
+            if "momentum" in group:
+                group["momentum"] = momentum
+        self.grad_scale = grad_scale
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.apply(self.prepare(), None)
+
+    def prepare(self) -> list[LocalUpdate]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def apply(self, updates: list[LocalUpdate], scale: Tensor | None) -> None:
+        for update in updates:
+            update.commit(update.value + (update.delta if scale is None else scale * update.delta))
+        self._commit_all()
+
+    def _commit_all(self) -> None:
+        """Waits for the all-gathers that commit() launched, copies their results in, clears the grads."""
+        raise NotImplementedError
+
+    def _clear_grads(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+class DistAdam(LoopOptimizer):
     """Adam whose state is sharded by rows over the ranks (ZeRO-1 style), the same code at every world size.
 
     Each parameter's post-accumulate-grad hook, when `sync` is set for the backward pass, launches an async
@@ -603,20 +815,22 @@ class DistAdam(torch.optim.Optimizer):
     overlaps the rest of the backward. step() waits per parameter, updates its own rows with bf16 moments, and
     all-gathers the rows back. At world size 1 no collective is called and the hook does nothing.
     Group keys: lr, lr_mul, schedule (the per-step multiplier set by the loop), betas, eps, weight_decay.
+    bias_correction=False: MuonMax's Adam part (no division by 1 - beta**step).
     """
 
     def __init__(self, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float = 0.0, state_dtype: torch.dtype = torch.bfloat16, compile: bool = False):
+                 weight_decay: float = 0.0, state_dtype: torch.dtype = torch.bfloat16, compile: bool = False,
+                 bias_correction: bool = True):
         defaults = dict(lr=lr, lr_mul=1.0, schedule=1.0, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(param_groups, defaults)
-        self.world, self.rank = world_size(), rank()
         self.state_dtype = state_dtype
+        self.bias_correction = bias_correction
         # compiled: one fused kernel per parameter shape (#48 compiles its Adam step too); step and lr then go in
         # as 0-D CPU tensors so that they do not specialize the graph
         self.compiled = compile
         self.update = torch.compile(adam_update, dynamic=False) if compile else adam_update
-        self.sync = False
         self._pending: dict[Tensor, tuple[dist.Work, Tensor]] = {}
+        self._gathers: list[tuple[dist.Work, Tensor, Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -637,7 +851,7 @@ class DistAdam(torch.optim.Optimizer):
         if grad.shape[0] != chunk * self.world:
             grad = torch.cat([grad, grad.new_zeros((chunk * self.world - grad.shape[0],) + grad.shape[1:])])
         out = grad.new_empty((chunk,) + grad.shape[1:])
-        work = dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
+        work = reduce_scatter_single(out, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
         self._pending[p] = (work, out)
 
     def _local_grad(self, p: Tensor) -> Tensor | None:
@@ -648,40 +862,70 @@ class DistAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
-        gathers = []
+        """The fast path: every parameter's rows updated in place and their all-gather launched at once."""
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr = group["lr"] * group["lr_mul"] * group["schedule"]
             for p in group["params"]:
+                grad = self._local_grad(p)
+                if grad is not None:
+                    _, lo, hi = self._rows(p)
+                    self._adam_rows(group, p, grad, p.data[lo:hi])
+                    self._launch_gather(p)
+        self._commit_all()
+
+    @torch.no_grad()
+    def prepare(self) -> list[LocalUpdate]:
+        updates = []
+        for index, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
                 grad = self._local_grad(p)
                 if grad is None:
                     continue
-                chunk, lo, hi = self._rows(p)
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros((chunk,) + p.shape[1:], dtype=self.state_dtype, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-                state["step"] += 1
-                rows = hi - lo
-                step, step_lr = ((torch.tensor(float(state["step"])), torch.tensor(lr)) if self.compiled
-                                 else (state["step"], lr))
-                self.update(p.data[lo:hi], grad[:rows], state["exp_avg"][:rows], state["exp_avg_sq"][:rows],
-                            step, step_lr, beta1, beta2, group["eps"], group["weight_decay"])
-                if self.world > 1:
-                    gathers.append(self._launch_gather(p, chunk, lo, hi))
-        for work, p, full in gathers:
+                _, lo, hi = self._rows(p)
+                value = p.data[lo:hi]
+                new = value.clone()
+                self._adam_rows(group, p, grad, new)
+                updates.append(LocalUpdate((index, position), value, grad[:hi - lo], new - value,
+                                           functools.partial(self._commit_rows, p)))
+        return updates
+
+    def _adam_rows(self, group: dict, p: Tensor, grad: Tensor, rows_out: Tensor) -> None:
+        """One Adam step of this rank's rows of p, written into rows_out (p's rows themselves, or a copy)."""
+        chunk, lo, hi = self._rows(p)
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros((chunk,) + p.shape[1:], dtype=self.state_dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        state["step"] += 1
+        rows = hi - lo
+        beta1, beta2 = group["betas"]
+        lr = group["lr"] * group["lr_mul"] * group["schedule"]
+        step, step_lr = ((torch.tensor(float(state["step"])), torch.tensor(lr)) if self.compiled
+                         else (state["step"], lr))
+        self.update(rows_out, grad[:rows], state["exp_avg"][:rows], state["exp_avg_sq"][:rows], step, step_lr,
+                    beta1, beta2, group["eps"], group["weight_decay"], self.bias_correction)
+
+    def _commit_rows(self, p: Tensor, new_rows: Tensor) -> None:
+        _, lo, hi = self._rows(p)
+        p.data[lo:hi] = new_rows
+        self._launch_gather(p)
+
+    def _commit_all(self) -> None:
+        for work, p, full in self._gathers:
             work.wait()
             p.data.copy_(full[:p.shape[0]])
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        self._gathers = []
+        self._clear_grads()
 
-    def _launch_gather(self, p: Tensor, chunk: int, lo: int, hi: int) -> tuple[dist.Work, Tensor, Tensor]:
+    def _launch_gather(self, p: Tensor) -> None:
+        """Sends this rank's new rows of p to every rank (nothing at world size 1)."""
+        if self.world == 1:
+            return
+        chunk, lo, hi = self._rows(p)
         shard = p.data.new_zeros((chunk,) + p.shape[1:])
         shard[:hi - lo] = p.data[lo:hi]
         full = p.data.new_empty((chunk * self.world,) + p.shape[1:])
-        return dist.all_gather_into_tensor(full, shard, async_op=True), p, full
+        self._gathers.append((all_gather_single(full, shard, async_op=True), p, full))
 
 
 POLAR_EXPRESS_COEFFICIENTS = (
@@ -763,7 +1007,7 @@ def cautious_update(param: Tensor, update: Tensor, lr: Tensor, decay: Tensor, ca
 NORMUON_COMM_PIECES = 2  # a shape group with >= 2 matrices per rank is reduced in this many pieces (see NorMuon)
 
 
-class NorMuon(torch.optim.Optimizer):
+class NorMuon(LoopOptimizer):
     """NorMuon (Muon + per-neuron variance normalization) for the hidden matrices and gates, 1..N ranks.
 
     Communication groups: the parameters of one shape, in reverse registration order (the backward produces the
@@ -787,8 +1031,6 @@ class NorMuon(torch.optim.Optimizer):
         super().__init__(param_groups, defaults)
         self.variance_norm, self.cautious = variance_norm, cautious
         self._beta2 = torch.tensor(beta2)  # 0-D CPU tensor: the compiled helper is not specialized on it
-        self.world, self.rank = world_size(), rank()
-        self.sync = False
         orthogonalize = polar_express if ortho == "polar" else newton_schulz5
         maybe_compile = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
         self.orthogonalize = maybe_compile(orthogonalize)
@@ -808,6 +1050,7 @@ class NorMuon(torch.optim.Optimizer):
         self.comm_group_of = {p: i for i, params in enumerate(self.comm_groups) for p in params}
         self._ready = [0] * len(self.comm_groups)
         self._pending: dict[int, tuple[dist.Work, Tensor]] = {}
+        self._gathers: list[tuple[dist.Work, list[Tensor], Tensor]] = []
         self._index_tensors: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
         self.bytes_sent = 0  # per-rank bytes that the collectives of this optimizer sent (ring algorithm)
         for p in self.group_index:
@@ -834,32 +1077,62 @@ class NorMuon(torch.optim.Optimizer):
                 grads[i] = p.grad
         out = grads.new_empty((chunk,) + params[0].shape)
         self.bytes_sent += grads.numel() * grads.element_size() * (self.world - 1) // self.world
-        self._pending[index] = (dist.reduce_scatter_tensor(out, grads, op=dist.ReduceOp.AVG, async_op=True), out)
+        self._pending[index] = (reduce_scatter_single(out, grads, op=dist.ReduceOp.AVG, async_op=True), out)
         self._ready[index] = 0
 
     @torch.no_grad()
     def step(self) -> None:
+        """The fast path, pipelined as #48: each piece's all-gather is launched as soon as its update is done, while
+        the next piece's reduce-scatter may still be in flight."""
         step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
-        gathers = []
-        for index, params in enumerate(self.comm_groups):
-            if self.world == 1:
-                local = [p for p in params if p.grad is not None]
-                if local:
-                    new_values = self._update_local(local, torch.stack([p.grad for p in local]), step_scalars)
-                    torch._foreach_copy_(local, list(new_values.unbind(0)))
-                continue
+        for index in range(len(self.comm_groups)):
+            update = self._prepare_piece(index, step_scalars)
+            if update is not None:
+                update.commit(update.value + update.delta)
+        self._commit_all()
+
+    @torch.no_grad()
+    def prepare(self) -> list[LocalUpdate]:
+        step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
+        pieces = (self._prepare_piece(index, step_scalars) for index in range(len(self.comm_groups)))
+        return [piece for piece in pieces if piece is not None]
+
+    def _prepare_piece(self, index: int, step_scalars: dict) -> LocalUpdate | None:
+        """This rank's matrices of communication piece `index`, their gradient and update (None: nothing here)."""
+        params = self.comm_groups[index]
+        if self.world == 1:
+            local = [p for p in params if p.grad is not None]
+            if not local:
+                return None
+            grads = torch.stack([p.grad for p in local])
+        else:
             grads = wait_for(self._pending, index, lambda: self._launch_reduce(index))  # (chunk, rows, cols)
-            chunk = grads.size(0)
-            local = params[self.rank * chunk:(self.rank + 1) * chunk]  # fewer than chunk on a padded tail
-            updated = torch.zeros_like(grads)
-            if local:
-                updated[:len(local)] = self._update_local(local, grads[:len(local)], step_scalars)
-            full = updated.new_empty((chunk * self.world,) + updated.shape[1:])
-            self.bytes_sent += updated.numel() * updated.element_size() * (self.world - 1)
-            gathers.append((dist.all_gather_into_tensor(full, updated, async_op=True), params, full))
-        for work, params, full in gathers:
+            local = params[self.rank * grads.size(0):(self.rank + 1) * grads.size(0)]  # fewer on a padded tail
+            grads = grads[:len(local)]
+        if not local:  # a padded tail: this rank still takes part in the all-gather, with nothing of its own
+            empty = grads[:0]
+            return LocalUpdate(index, empty, empty, empty, functools.partial(self._commit_piece, index, local))
+        value = torch.stack(local)
+        new = self._update_local(local, grads, step_scalars)
+        return LocalUpdate(index, value, grads, new - value, functools.partial(self._commit_piece, index, local))
+
+    def _commit_piece(self, index: int, local: list[Tensor], new: Tensor) -> None:
+        if self.world == 1:
+            torch._foreach_copy_(local, list(new.unbind(0)))
+            return
+        params = self.comm_groups[index]
+        chunk = self._chunk(index)
+        updated = new.new_zeros((chunk,) + params[0].shape)
+        updated[:len(local)] = new
+        full = updated.new_empty((chunk * self.world,) + updated.shape[1:])
+        self.bytes_sent += updated.numel() * updated.element_size() * (self.world - 1)
+        self._gathers.append((all_gather_single(full, updated, async_op=True), params, full))
+
+    def _commit_all(self) -> None:
+        for work, params, full in self._gathers:
             work.wait()
             torch._foreach_copy_(params, list(full[:len(params)].unbind(0)))
+        self._gathers = []
         for p in self.group_index:
             p.grad = None
 
@@ -920,6 +1193,132 @@ class NorMuon(torch.optim.Optimizer):
             step_scalars[key] = (torch.tensor(eff_lr), torch.tensor(group["weight_decay"] * lr))
         eff_lr, decay = step_scalars[key]
         return self.cautious_update(torch.stack(params), update.view(k, rows, cols), eff_lr, decay, self.cautious)
+
+
+MUONMAX_ADAM_BETAS = (0.95, 0.95)  # MuonMax's Adam part, no bias correction (the MuonMax/Momo paper's setting)
+
+
+class MuonMax(NorMuon):
+    """OPTIMIZER=muonmax: regularized steepest descent in a max-of-layers norm (Crawshaw, Modi, Liu & Gower, "An
+    Exploration of Non-Euclidean Gradient Descent: Muon and its Many Variants", arXiv 2510.09827).
+
+    Our reading, as implemented (the paper's own equations were not available to us): every matrix block l
+    (qkvo_w's four blocks separately) has the scaled spectral norm ||W||_op / s_l with s_l = max(1, rows/cols)**0.5
+    * lr_mul (Muon's shape factor, rows/cols of the stored parameter). Steepest descent with a quadratic
+    regularizer in the max over layers of these norms moves every block along its own unit direction,
+    s_l * polar(M_l), by the same amount: lr times the dual norm of the momentum, which for a max of norms is the
+    SUM of the blocks' dual norms s_j * ||M_j||_nuc. So W_l <- W_l - lr * (sum_j s_j ||M_j||_nuc) * s_l polar(M_l):
+    one scalar for all blocks on all ranks, one all-reduce per step. ||M||_nuc = <M, polar(M)>, from the same
+    Polar Express call (its singular values lie within ~15% of 1, so the sum is that close too). M is an EMA of the
+    per-token-mean gradient (momentum, no Nesterov; the raw gradient divided by the loop's grad_scale), so the step
+    grows with the gradient, unlike Muon's, and lr is on another scale than Muon's. No weight decay. The other
+    parameters take Adam without bias correction, betas MUONMAX_ADAM_BETAS (build_optimizers). The whole step
+    needs the global sum first, so the pieces are not pipelined as NorMuon's are.
+    """
+
+    def __init__(self, param_groups: list[dict], lr: float, momentum: float, ortho: str = "polar",
+                 compile: bool = False):
+        super().__init__(param_groups, lr=lr, momentum=momentum, weight_decay=0.0, beta2=0.95, variance_norm=False,
+                         ortho=ortho, cautious=False, compile=compile)
+        self.dual_norm: Tensor | None = None  # the last step's sum of dual norms (device scalar), for diagnostics
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.apply(self.prepare(), None)
+
+    @torch.no_grad()
+    def prepare(self) -> list[LocalUpdate]:
+        device = next(iter(self.group_index)).device
+        self._dual_sum = torch.zeros((), device=device)
+        pieces = super().prepare()  # deltas are the unit directions -s_l polar(M_l); _dual_sum has the local sum
+        self.dual_norm = all_reduce_sum(self._dual_sum)
+        group = self.param_groups[0]  # one lr and schedule for every group (lr_mul lives in s_l)
+        step_size = group["lr"] * group["schedule"] * self.dual_norm
+        for piece in pieces:
+            piece.delta.mul_(step_size)
+        return pieces
+
+    def _update_batch(self, params: list[Tensor], grads: Tensor, group_index: int,
+                      step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]]) -> Tensor:
+        """The unit step (k, rows, cols) of k matrices: value - s_l polar(M_l) per block; adds the blocks' dual
+        norms s_l <M_l, polar(M_l)> to self._dual_sum."""
+        group = self.param_groups[group_index]
+        k, rows, cols = grads.shape
+        blocks = group["blocks"]
+        states = [self.state[p] for p in params]
+        for state in states:
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(grads[0])
+        buffers = torch.stack([state["momentum_buffer"] for state in states])
+        buffers.lerp_(grads, 1 - group["momentum"])  # an EMA of the gradients, no Nesterov
+        torch._foreach_copy_([state["momentum_buffer"] for state in states], list(buffers.unbind(0)))
+        momentum = buffers.view(k * blocks, rows // blocks, cols)
+        polar = self.orthogonalize(momentum).float()
+        shape_scale = max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
+        self._dual_sum += shape_scale * (momentum.float() * polar).sum() / self.grad_scale
+        return torch.stack(params) - shape_scale * polar.view(k, rows, cols).to(grads.dtype)
+
+
+class Momo:
+    """MOMO=1: model truncation (Schaipp, Ohana, Eickenberg, Defazio & Gower, "MoMo: Momentum Models for Adaptive
+    Learning Rates", 2023) on top of any optimizer here, as the MuonMax/Momo paper combines it with any
+    non-Euclidean method.
+
+    The model of the loss is the running average of linearizations, f(x) ~ F + <d, x> - gamma, kept as EMAs
+    (beta MOMO_BETA, bias-corrected by 1 - beta**k) of the per-token mean loss F, of its gradient d and of
+    <g_j, x_j> gamma, truncated below at the lower bound MOMO_LB. Every optimizer prepares its full update delta;
+    the joint step is scaled by alpha = min(1, max(0, h) / (-<d, delta>)) with h = F + <d, x> - gamma - lb, the
+    largest fraction of the step that the truncated model still takes. For a step of the form
+    lr * ||d||_* * dir(d) (regularized steepest descent: MuonMax, Adam with its diagonal norm) this is Momo's
+    step size min(lr, h / ||d||_*^2); for a constrained (LMO) step of radius lr (Muon, NorMuon) it is
+    min(lr, h / ||d||_*). alpha is 0 when the model says the bound is reached, never above 1 (the base lr), and 1
+    when the update does not decrease the model. Every inner product is over all parameters of all ranks: one
+    all-reduce of 4 numbers per step, and no host sync (alpha stays on the device; the log reads it).
+    Gradients are divided by each optimizer's grad_scale to be those of the per-token mean loss. d costs one
+    fp32 copy of the parameters (this rank's shards). Reading of the paper's equations: the Momo authors'
+    reference code (fabian-sp/MoMo, momo.py and momo_adam.py) for the averages and their bias correction.
+    """
+
+    def __init__(self, lower_bound: float, beta: float):
+        self.lower_bound, self.beta = lower_bound, beta
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.loss_avg: Tensor | float = 0.0
+        self.gamma: Tensor | float = 0.0
+        self.directions: dict[tuple[int, object], Tensor] = {}
+        self.last_scale: Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, optimizers: list[LoopOptimizer], loss: Tensor) -> None:
+        """One truncated step of `optimizers` (those that step now); loss: this rank's mean loss per token."""
+        prepared = [(i, opt, opt.prepare()) for i, opt in enumerate(optimizers)]
+        self.steps += 1
+        terms = [loss.float() / world_size()]  # summed over ranks below: the mean loss over ranks
+        for i, opt, updates in prepared:
+            for update in updates:
+                grad = update.grad.float() / opt.grad_scale
+                direction = self.directions.setdefault((i, update.key), torch.zeros_like(grad))
+                direction.lerp_(grad, 1 - self.beta)
+                value = update.value.float()
+                terms += [(grad * value).sum(), (direction * value).sum(), (direction * update.delta.float()).sum()]
+        sums = torch.zeros(4, device=loss.device)
+        sums[0] = terms[0]
+        for j, term in enumerate(terms[1:]):
+            sums[1 + j % 3] += term
+        all_reduce_sum(sums)
+        loss_mean, grad_dot_x, direction_dot_x, direction_dot_delta = sums.unbind()
+        self.loss_avg = self.beta * self.loss_avg + (1 - self.beta) * loss_mean
+        self.gamma = self.beta * self.gamma + (1 - self.beta) * grad_dot_x
+        rho = 1 - self.beta ** self.steps  # the EMAs start at 0 (Momo's bias correction)
+        model_gap = (self.loss_avg + direction_dot_x - self.gamma) / rho - self.lower_bound
+        decrease = -direction_dot_delta / rho  # what the linear model says the full step gains
+        scale = torch.where(decrease > 0, model_gap.clamp_min(0) / decrease.clamp_min(1e-30), torch.ones_like(decrease))
+        scale = torch.where(model_gap > 0, scale.clamp_max(1.0), torch.zeros_like(scale))
+        self.last_scale = scale
+        for _, opt, updates in prepared:
+            opt.apply(updates, scale)
 
 
 def lr_multiplier(step: int, hp: Hyperparameters) -> float:
@@ -1445,7 +1844,11 @@ class ShardError(ValueError):
 
 def read_shard_header(path: str) -> int:
     """Checks a shard's header and size (SPEC 7: 256 int32 header, then uint16 tokens); returns the token count."""
-    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
+        actual = os.path.getsize(path)
+    except OSError as error:
+        raise ShardError(f"{path}: cannot read it ({error.strerror or error}). {DATA_HINT}") from None
     if header.size < SHARD_HEADER_INTS:
         raise ShardError(f"{path}: shorter than the {SHARD_HEADER_INTS * 4}-byte header. {DATA_HINT}")
     if header[0] != SHARD_MAGIC:
@@ -1454,7 +1857,6 @@ def read_shard_header(path: str) -> int:
         raise ShardError(f"{path}: version {header[1]}, expected {SHARD_VERSION}. {DATA_HINT}")
     num_tokens = int(header[2])
     expected = SHARD_HEADER_INTS * 4 + 2 * num_tokens
-    actual = os.path.getsize(path)
     if num_tokens < 0 or actual != expected:
         raise ShardError(f"{path}: {actual} bytes, but its header promises {num_tokens} tokens = {expected} bytes "
                          f"(truncated or padded). {DATA_HINT}")
@@ -1464,7 +1866,10 @@ def read_shard_header(path: str) -> int:
 def read_shard(path: str, vocab_size: int) -> np.ndarray:
     """The tokens of a shard (uint16), after the header checks and a check that every id is below vocab_size."""
     num_tokens = read_shard_header(path)
-    tokens = np.fromfile(path, dtype=np.uint16, offset=SHARD_HEADER_INTS * 4, count=num_tokens)
+    try:
+        tokens = np.fromfile(path, dtype=np.uint16, offset=SHARD_HEADER_INTS * 4, count=num_tokens)
+    except OSError as error:
+        raise ShardError(f"{path}: cannot read it ({error.strerror or error}). {DATA_HINT}") from None
     if tokens.size and int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
         raise ShardError(f"{path}: token id {int(tokens[bad])} at position {bad} is >= the vocab size {vocab_size}; "
@@ -1477,9 +1882,33 @@ def find_shards(pattern: str, variable: str) -> list[str]:
     files = sorted(glob.glob(pattern))
     if not files:
         raise ShardError(f"{variable}={pattern}: no file matches. {DATA_HINT}, or point {variable} at your shards")
+    folders = [path for path in files if os.path.isdir(path)]
+    if folders:
+        example = os.path.join(folders[0], f"*{variable.split('_')[0].lower()}_*.bin")
+        raise ShardError(f"{variable}={pattern}: {folders[0]} is a folder; {variable} takes a glob of shard files, "
+                         f"e.g. {variable}='{example}'")
     for path in files:
         read_shard_header(path)
     return files
+
+
+def check_shard_sizes(hp: Hyperparameters, geometry: BatchGeometry, train_files: list[str],
+                      val_files: list[str]) -> None:
+    """What the shard headers tell, checked before any training (the loader reads train shards one by one as
+    training goes): every train shard holds the largest training chunk, which the loader never splits over two
+    shards, and the val shards together hold VAL_TOKENS + 1 tokens."""
+    batch = max(hp.batch_schedule)
+    chunk_tokens = geometry.chunk_tokens(batch)
+    for path in train_files:
+        count = read_shard_header(path)
+        if count < chunk_tokens + 1:
+            raise ShardError(f"BATCH_SCHEDULE={','.join(map(str, hp.batch_schedule))}: a training chunk is {batch} / "
+                             f"{geometry.chunks} chunks + 1 = {chunk_tokens + 1} tokens, but {path} holds {count} "
+                             f"(its header); lower BATCH_SCHEDULE, raise BATCH_CHUNKS, or use bigger shards")
+    total = sum(read_shard_header(path) for path in val_files)
+    if total < hp.val_tokens + 1:
+        raise ShardError(f"VAL_TOKENS={hp.val_tokens}: the val files hold only {total} tokens (their headers); "
+                         f"lower VAL_TOKENS (and VAL_BATCH_TOKENS with it) or add val shards")
 
 
 def read_shard_with_documents(path: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1528,7 +1957,7 @@ class PackedLoader:
 
     def _chunk_pieces(self, chunk_tokens: int) -> list[tuple[int, int]]:
         """[start, end) token ranges of the next chunk (chunk_tokens + 1 tokens in all), moving past it."""
-        for _ in range(2):  # the rest of this shard, then a fresh one
+        while True:  # the rest of this shard, then a fresh one
             pieces, have, document = [], 0, self.document
             while have < chunk_tokens + 1 and document < self.bos.size:
                 start = int(self.bos[document])
@@ -1540,12 +1969,10 @@ class PackedLoader:
             if have == chunk_tokens + 1:
                 self.document = document
                 return pieces
-            fresh = self.document == 0
+            if self.document == 0:  # a whole shard, from its first document, is too short
+                raise ShardError(f"{self.files[self.shard]}: too few documents for one chunk of {chunk_tokens + 1} "
+                                 f"tokens; use bigger shards or a smaller batch. {DATA_HINT}")
             self._advance_shard()
-            if fresh and len(self.files) == 1:
-                break
-        raise ShardError(f"{self.files[self.shard]}: too few documents for one chunk of {chunk_tokens + 1} tokens; "
-                         f"use bigger shards or a smaller batch. {DATA_HINT}")
 
     def next_step(self, chunk_tokens: int, accum_steps: int) -> list[Tensor]:
         """This rank's chunks of the next step, one per micro-step: accum_steps tensors (chunk_tokens + 1,) int32
@@ -1591,6 +2018,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def check_log_dir(log_dir: str) -> None:
+    """ConfigError unless LOG_DIR is, or can be made as, a writable folder: checked before any work, writing
+    nothing (RunLog makes the folder)."""
+    path = Path(log_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())  # exists() is False under a regular file
+    if not existing.is_dir():
+        raise ConfigError(f"LOG_DIR={log_dir}: {existing} is a file, not a folder; point LOG_DIR at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"LOG_DIR={log_dir}: cannot write in {existing}; point LOG_DIR at a folder you can write")
+
+
 class RunLog:
     """Rank 0's log file logs/<UTC timestamp>_<tag>_<run id>.txt, flushed each line; other ranks write nothing.
 
@@ -1622,6 +2060,12 @@ class RunLog:
         self.file.flush()
         if console:
             print(text + console_suffix, flush=True)
+
+    def stopped(self, reason: str, step: int, last_finite_loss: float) -> None:
+        """The last line of a run that did not finish (records/validate.py leaves such a run out, with the reason):
+        why, the steps done, and the last finite train loss logged."""
+        self.line("stopped: " + json.dumps({"reason": reason, "step": step, "last_finite_loss":
+                                            last_finite_loss if math.isfinite(last_finite_loss) else None}))
 
     def close(self) -> None:
         if self.file is not None:
@@ -1763,47 +2207,43 @@ class Diagnostics:
 # ---- training loop ----
 
 
-def build_optimizers(model: GPT, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, hp: Hyperparameters) -> list[LoopOptimizer]:
     """The matrix optimizer (every step) and DistAdam for embeddings, scalars and head (every adam_step_every).
-
-    Each optimizer carries `step_every`; the loop steps it when (step + 1) % step_every == 0 and at the end.
-    """
+    Each follows LoopOptimizer's contract; a new optimizer is one class and one branch here."""
     groups = model.param_groups()
     compiled = bool(hp.compile)
+    adam_betas = MUONMAX_ADAM_BETAS if hp.optimizer == "muonmax" else (hp.adam_beta1, hp.adam_beta2)
     adam = DistAdam([dict(params=groups["embed"], lr_mul=hp.embed_lr_mul),
                      dict(params=groups["scalar"], lr_mul=hp.scalar_lr_mul),
                      dict(params=groups["head"], lr_mul=hp.head_lr_mul)],
-                    lr=hp.adam_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
-                    compile=compiled)
+                    lr=hp.adam_lr, betas=adam_betas, eps=hp.adam_eps, weight_decay=hp.adam_wd,
+                    compile=compiled, bias_correction=hp.optimizer != "muonmax")
     adam.step_every = hp.adam_step_every
+    matrix_groups = [dict(params=groups["qkvo"], blocks=4), dict(params=groups["c_fc"]),
+                     dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul), dict(params=groups["gates"], is_gate=True)]
     if hp.optimizer == "adamw":
         matrices = DistAdam([dict(params=groups["qkvo"] + groups["c_fc"] + groups["gates"]),
                              dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul)],
                             lr=hp.adamw_matrix_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps,
                             weight_decay=hp.adam_wd, compile=compiled)
+    elif hp.optimizer == "muonmax":
+        matrices = MuonMax(matrix_groups, lr=hp.muonmax_lr, momentum=hp.muon_momentum_start, ortho=hp.ortho,
+                           compile=compiled)
     else:
-        matrices = NorMuon([dict(params=groups["qkvo"], blocks=4),
-                            dict(params=groups["c_fc"]),
-                            dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul),
-                            dict(params=groups["gates"], is_gate=True)],
-                           lr=hp.muon_lr, momentum=hp.muon_momentum_start, weight_decay=hp.muon_wd,
+        matrices = NorMuon(matrix_groups, lr=hp.muon_lr, momentum=hp.muon_momentum_start, weight_decay=hp.muon_wd,
                            beta2=hp.normuon_beta2, variance_norm=hp.optimizer == "normuon", ortho=hp.ortho,
                            cautious=hp.cwd, compile=compiled)
-    matrices.step_every = 1
     return [matrices, adam]
 
 
-def steps_now(optimizer: torch.optim.Optimizer, step: int, hp: Hyperparameters) -> bool:
+def steps_now(optimizer: LoopOptimizer, step: int, hp: Hyperparameters) -> bool:
     return (step + 1) % optimizer.step_every == 0 or step == hp.num_iterations - 1
 
 
-def set_schedule(optimizers: list[torch.optim.Optimizer], step: int, hp: Hyperparameters) -> None:
-    """Writes this step's lr multiplier (and momentum, where a group has one) into every param group."""
+def set_schedule(optimizers: list[LoopOptimizer], step: int, hp: Hyperparameters, grad_scale: float) -> None:
+    """This step's lr multiplier, momentum and gradient scale into every optimizer (LoopOptimizer.set_schedule)."""
     for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["schedule"] = lr_multiplier(step, hp)
-            if "momentum" in group:
-                group["momentum"] = muon_momentum(step, hp)
+        optimizer.set_schedule(lr_multiplier(step, hp), muon_momentum(step, hp), grad_scale)
 
 
 def schedule_phase(step: int, hp: Hyperparameters) -> tuple[int, int]:
@@ -1826,6 +2266,7 @@ class TrainState:
     val_sequences: Tensor  # this rank's validation sequences on the device: (n, T + 1) int32
     geometry: BatchGeometry
     device: torch.device
+    momo: Momo | None = None
     diagnostics: Diagnostics | None = None
 
 
@@ -1853,16 +2294,21 @@ def train_step(state: TrainState, step: int) -> Tensor:
         # gradient is the mean over the step's chunks of each chunk's summed loss at every world size.
         (loss / geometry.accum_steps).backward()
         loss_sum += loss.detach()
-    set_schedule(state.optimizers, step, hp)
+    # the gradient is the mean over chunks of each chunk's summed loss: chunk_tokens times the per-token mean's
+    set_schedule(state.optimizers, step, hp, grad_scale=chunk_tokens)
     if state.diagnostics is not None:
         state.diagnostics.before_step(step)
-    for optimizer, now in zip(state.optimizers, stepping):
-        if now:
-            optimizer.step()
+    mean_loss = loss_sum / (len(chunks) * chunk_tokens)
+    if state.momo is not None:
+        state.momo.step([opt for opt, now in zip(state.optimizers, stepping) if now], mean_loss)
+    else:
+        for optimizer, now in zip(state.optimizers, stepping):
+            if now:
+                optimizer.step()
     model.update_norm_scales()
     if state.diagnostics is not None:
         state.diagnostics.after_step()
-    return loss_sum / (len(chunks) * chunk_tokens)
+    return mean_loss
 
 
 def read_train_loss(loss: Tensor) -> float:
@@ -1936,17 +2382,19 @@ def warmup(state: TrainState) -> None:
         p.grad = None
     state.model.reset_schedule_state()
     state.loader.reset()
+    if state.momo is not None:
+        state.momo.reset()
 
 
 def format_duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def train(state: TrainState, log: RunLog) -> int:
+def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int:
     """The speedrun loop: validate at step 0, every val_every steps and at the end; train_time excludes
     validation. Every step writes #48's `step:i/N train_time:.. step_avg:..` line; every train_log_every steps
     the loss is read (the only host sync of a step) and the line carries `train_loss:`. Returns the exit code
-    (1 when the loss stops being finite)."""
+    (1 when the loss stops being finite, 2 on a bad train shard, 128 + signal when `stop` was signalled)."""
     hp, device = state.hp, state.device
     state.diagnostics = Diagnostics(state.model, hp) if hp.diagnostics and rank() == 0 else None
     steps = hp.num_iterations
@@ -1955,6 +2403,8 @@ def train(state: TrainState, log: RunLog) -> int:
     synchronize(device)
     t0 = time.perf_counter()
     for step in range(steps + 1):
+        if stop is not None and stop.agreed(step, hp.train_log_every):
+            return stop.end_run(log, step, last_finite)
         last = step == steps
         if last:
             state.model.set_final_windows(hp.final_window)
@@ -1980,21 +2430,27 @@ def train(state: TrainState, log: RunLog) -> int:
             t0 = time.perf_counter()
         if last:
             break
-        loss = train_step(state, step)
+        try:
+            loss = train_step(state, step)
+        except ShardError as error:  # a train shard the loader read in the background
+            return stop_on_data_error(log, step, error, last_finite)
         tokens_seen += schedule_phase(step, hp)[0]
         logs_loss = (step + 1) % hp.train_log_every == 0 or step + 1 == steps
         train_loss = read_train_loss(loss) if logs_loss else None
         if train_loss is not None and not math.isfinite(train_loss):
             return stop_nonfinite(log, step + 1, "train_loss", last_finite)
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        loss_text = ""
+        loss_text = extra = ""
         if train_loss is not None:
             last_finite = train_loss
             loss_text = f" train_loss:{train_loss:.4f}"
+            if state.momo is not None and state.momo.last_scale is not None:
+                # the step size Momo chose, as a fraction of the scheduled lr (1: not truncated)
+                extra = f" momo_scale:{state.momo.last_scale.item():.4f}"
         rate = tokens_seen / (elapsed_ms / 1000)
         eta = (steps - step - 1) * elapsed_ms / (step + 1) / 1000
         log.line(f"step:{step + 1}/{steps}{loss_text} train_time:{elapsed_ms:.0f}ms "
-                 f"step_avg:{elapsed_ms / (step + 1):.2f}ms",
+                 f"step_avg:{elapsed_ms / (step + 1):.2f}ms{extra}",
                  console=train_loss is not None, console_suffix=f"  ({rate:,.0f} tok/s, eta {format_duration(eta)})")
     log.line(peak_memory_line(device))
     log.line("final: " + json.dumps({"val_loss": round(val_loss, 6), "step": steps, "num_iterations": steps,
@@ -2013,6 +2469,65 @@ def stop_nonfinite(log: RunLog, step: int, which: str, last_finite: float) -> in
 
 
 COMPILE_RECOMPILE_LIMIT = 64  # above the window/shape variants one run compiles (torch's default of 8 is not)
+REPEAT_SIGNAL_S = 1.0  # a signal this soon after the first is the same request (Ctrl-C under torchrun: one from the
+                       # terminal, one forwarded by torchrun); a later one stops at once
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the run to stop. The loop stops at the next step boundary where every rank agrees, so no
+    rank waits in a collective that the others left and no optimizer hook is cut in half; the log ends with a
+    `stopped:` line and the exit code is 128 + the signal (130, 143). A second signal stops at once (no log line)."""
+
+    def __init__(self):
+        self.signum, self.first_at, self.device = 0, 0.0, torch.device("cpu")
+        self.previous: dict[int, object] = {}
+
+    def install(self, device: torch.device) -> None:
+        self.device = device
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        """The handlers from before install() (main() may run inside another program, a test)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum and time.monotonic() - self.first_at > REPEAT_SIGNAL_S:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if not self.signum:
+            self.signum, self.first_at = signum, time.monotonic()
+            if rank() == 0:  # os.write: print() may be mid-write in the interrupted frame
+                os.write(2, f"\n{signal.Signals(signum).name}: stopping at the next step (again to stop at once)\n"
+                            .encode())
+
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether to stop before `step`. At world size 1 as soon as signalled; across ranks only every `every`
+        steps (the steps right after a logged train loss, already a host sync), where one all-reduce tells every
+        rank whether any of them was signalled."""
+        if world_size() == 1:
+            return bool(self.signum)
+        if step % every:
+            return False
+        flag = torch.tensor(self.signum, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return bool(self.signum)
+
+    def end_run(self, log: RunLog, step: int, last_finite_loss: float) -> int:
+        log.stopped(f"interrupted by {signal.Signals(self.signum).name}", step, last_finite_loss)
+        return 128 + self.signum
+
+
+def stop_on_data_error(log: RunLog, step: int, error: ShardError, last_finite_loss: float) -> int:
+    """A train shard read in the background turned out bad: every rank reads every shard in the same order, so
+    every rank stops here at the same step, with exit code 2 as for any data error found at setup."""
+    print(f"error: {error}", file=sys.stderr)
+    log.stopped(f"data error: {error}", step, last_finite_loss)
+    return 2
 
 
 def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainState:
@@ -2020,6 +2535,7 @@ def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainSta
     geometry = batch_geometry(hp, launch.world_size)
     train_files = find_shards(hp.train_files, "TRAIN_FILES")
     val_files = find_shards(hp.val_files, "VAL_FILES")
+    check_shard_sizes(hp, geometry, train_files, val_files)
     val_sequences = load_val_sequences(val_files, hp.val_tokens, geometry.chunk_tokens(hp.val_batch_tokens),
                                        hp.vocab_size, launch.rank, launch.world_size).to(device)
     loader = PackedLoader(train_files, hp.vocab_size, hp.max_seq_len, launch.rank, launch.world_size,
@@ -2034,33 +2550,53 @@ def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainSta
     model = GPT(hp, embed_dtype, max_sequence_tokens(hp, launch.world_size)).to(device)
     optimizers = build_optimizers(model, hp)
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model
-    return TrainState(hp, model, step_model, optimizers, loader, val_sequences, geometry, device)
+    momo = Momo(hp.momo_lb, hp.momo_beta) if hp.momo else None
+    return TrainState(hp, model, step_model, optimizers, loader, val_sequences, geometry, device, momo)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 finished, 1 the loss stopped being finite, 2 a bad flag, launch, path or shard (one line on
+    stderr; before any work, or a `stopped:` line for a shard read later), 128 + signal when SIGINT/SIGTERM stopped
+    it. `--check` checks the env flags and LOG_DIR, then exits (run.sh runs it before it fetches any data)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv:
+    if argv in (["-h"], ["--help"]):
         print(__doc__ + "\n" + help_text())
-        return 0 if argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv not in ([], ["--check"]):
+        bad = argv[0] if argv[0] not in ("-h", "--help", "--check") else argv[1]
+        print(f"error: {bad}: not an argument of train_gpt.py; its flags are env vars (NORM=derf python train_gpt.py), "
+              f"listed by --help; --check checks them and exits", file=sys.stderr)
+        return 2
+    stop = StopSignal()
     try:
         hp, launch = parse_env(os.environ)
+        if launch.rank == 0:
+            check_log_dir(hp.log_dir)
+        if argv == ["--check"]:
+            resolve_auto(hp, pick_device(launch))
+            return 0
         # before CUDA starts: #48's allocator setting (fewer fragmentation stalls as the batch grows)
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         device = init_distributed(launch)
+        stop.install(device)
         hp = resolve_auto(hp, device)
         state = setup(hp, launch, device)
     except (ConfigError, ShardError) as error:
         print(f"error: {error}", file=sys.stderr)
+        stop.restore()
+        close_distributed()
         return 2
     log = RunLog(hp, launch, device)
     try:
         if hp.warmup:
             warmup(state)
-        return train(state, log)
+        return train(state, log, stop)
+    except ShardError as error:  # a train shard read in the background during warmup
+        return stop_on_data_error(log, 0, error, float("nan"))
     finally:
         log.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        stop.restore()
+        close_distributed()
 
 
 if __name__ == "__main__":

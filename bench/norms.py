@@ -3,6 +3,7 @@
     python bench/norms.py                                   # dims 768 and 2048, 8192 tokens, eager and compiled
     python bench/norms.py --dims 768 --repeats 5 --no-compile   # a quick look on a laptop CPU
     python bench/norms.py --diagnostics                     # DIAGNOSTICS=1's cost per validation (PRESET=cpu)
+    python bench/norms.py --quick                           # tiny shapes, eager, then --diagnostics at PRESET=test
 
 For each model dim and mode it times one norm module on (tokens, dim) activations (bf16 on CUDA, fp32 on CPU)
 in training mode: the forward alone (with autograd recording, as a training step pays it) and forward +
@@ -11,8 +12,10 @@ already fuses the bounded norms this way, see bounded_kernel). The variants run 
 so load on a shared machine hits them alike; each figure is the median over repeats. It prints each time and
 its speedup over RMSNorm (rmsnorm time / variant time; > 1: faster than RMSNorm). Nothing is asserted.
 
---diagnostics instead times, at the PRESET=cpu shapes on synthetic shards in a temp dir, one validation
-(evaluate) against the diag record of DIAGNOSTICS=1 (Diagnostics.collect after a snapshotted step), per NORM.
+--diagnostics instead times, at the shapes of --preset (default cpu) on synthetic shards in a temp dir, one validation
+(evaluate) against the diag record of DIAGNOSTICS=1 (Diagnostics.collect after a snapshotted step, on the sequence
+train() gives it), per NORM. --quick runs both parts at tiny shapes, eager only (compiling takes minutes on a CPU),
+to check that the bench runs; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as T  # noqa: E402
+from step import write_synthetic_shards  # noqa: E402  (bench/step.py: one writer of synthetic shards for bench/)
 
 VARIANTS = ("rmsnorm", "dyt", "derf", "derf_ema")
 
@@ -82,33 +86,21 @@ def bench_dim(dim: int, tokens: int, compiled: bool, repeats: int, inner: int, d
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
-def write_synthetic_shards(folder: Path, vocab: int = 512) -> None:
-    """One train and one val shard of random documents (BOS-led), enough tokens for the cpu preset."""
-    gen = torch.Generator().manual_seed(0)
-    for name, count in (("train_000000.bin", 200_000), ("val_000000.bin", 200_000)):
-        tokens = torch.randint(0, vocab, (count,), generator=gen)
-        tokens[torch.rand(count, generator=gen) < 0.01] = T.BOS_ID
-        tokens[0] = T.BOS_ID
-        header = torch.zeros(T.SHARD_HEADER_INTS, dtype=torch.int32)
-        header[:3] = torch.tensor([T.SHARD_MAGIC, T.SHARD_VERSION, count])
-        (folder / name).write_bytes(header.numpy().tobytes() + tokens.numpy().astype("uint16").tobytes())
-
-
-def bench_diagnostics(norms: list[str], repeats: int, device: torch.device) -> None:
-    """Prints a validation's time and the diag record's time (medians) per NORM at the cpu preset shapes."""
+def bench_diagnostics(preset: str, norms: list[str], repeats: int, device: torch.device) -> None:
+    """Prints a validation's time and the diag record's time (medians) per NORM at the preset's shapes."""
     print(f"{'norm':>9} {'validation ms':>14} {'diag ms':>8} {'overhead':>9}")
     with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic_shards(Path(tmp))
         for norm in norms:
-            env = {"PRESET": "cpu", "NORM": norm, "OPTIMIZER": "adamw", "DIAGNOSTICS": "1",
-                   "TRAIN_FILES": f"{tmp}/train_*.bin", "VAL_FILES": f"{tmp}/val_*.bin"}
+            env = {"PRESET": preset, "NORM": norm, "OPTIMIZER": "adamw", "DIAGNOSTICS": "1"}
             hp, launch = T.parse_env(env, cuda_available=device.type == "cuda")
             hp = T.resolve_auto(T.dataclasses.replace(hp, compile=False), device)
+            hp = write_synthetic_shards(hp, Path(tmp))
             state = T.setup(hp, launch, device)
             state.diagnostics = T.Diagnostics(state.model, hp)
             state.diagnostics.before_step(hp.val_every - 1)  # snapshot, as before the step that precedes a val
             T.train_step(state, 0)
-            batch = state.val_rows[:hp.micro_batch_rows].to(device)
+            # as train() does: the start of the first validation sequence, one training chunk long
+            batch = state.val_sequences[0][:state.geometry.chunk_tokens(hp.batch_schedule[0]) + 1]
             val_ms, diag_ms = [], []
             for _ in range(repeats):
                 val_ms.append(time_calls(lambda: T.evaluate(state), device, 1))
@@ -126,14 +118,28 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="eager only (skip torch.compile)")
     parser.add_argument("--diagnostics", action="store_true", help="time DIAGNOSTICS=1 against a validation")
     parser.add_argument("--norms", default=",".join(VARIANTS), help="--diagnostics: the NORM values to time")
+    parser.add_argument("--preset", default="cpu", choices=("cpu", "test", "speedrun"),
+                        help="--diagnostics: the preset whose shapes are timed")
+    parser.add_argument("--quick", action="store_true",
+                        help="dim 64, 256 tokens, 2 repeats, eager; then --diagnostics at PRESET=test, 1 repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.dims, args.tokens, args.repeats, args.inner, args.no_compile = "64", 256, 2, 1, True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {name}, torch {torch.__version__}, median of {args.repeats} x "
           + ("1 call" if args.diagnostics else f"{args.inner} calls, tokens {args.tokens}"))
     if args.diagnostics:
-        bench_diagnostics(args.norms.split(","), args.repeats, device)
+        bench_diagnostics(args.preset, args.norms.split(","), args.repeats, device)
         return
+    bench_table(args, device)
+    if args.quick:
+        print("--quick: DIAGNOSTICS=1 at PRESET=test, 1 call")
+        bench_diagnostics("test", args.norms.split(","), 1, device)
+
+
+def bench_table(args: argparse.Namespace, device: torch.device) -> None:
+    """Prints each norm's fwd and fwd+bwd time and its speedup over RMSNorm, per dim and mode."""
     modes = ("eager",) if args.no_compile else ("eager", "compiled")
     header = f"{'dim':>5} {'mode':>9} {'pass':>8} {'rmsnorm ms':>11}" + "".join(
         f" {v + ' ms':>12} {'speedup':>8}" for v in VARIANTS[1:])

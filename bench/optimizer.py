@@ -3,6 +3,7 @@
     python bench/optimizer.py                                  # PRESET=cpu shapes (4 layers, dim 128), 30 repeats
     python bench/optimizer.py --preset speedrun --repeats 2    # the record's 12-layer 768-dim shapes (slow on CPU)
     python bench/optimizer.py --bf16-muon off --skip-dist      # only the like-for-like timing
+    python bench/optimizer.py --quick                          # the `test` preset's shapes, 3 repeats (what tests run)
 
 Part 1 (time). The matrices are those build_optimizers hands NorMuon (param_groups() keys qkvo with blocks=4,
 c_fc, c_proj, gates with is_gate=True), with fixed random gradients already in .grad at world size 1. It times
@@ -22,7 +23,9 @@ NorMuon.sync, puts rank-specific random gradients in .grad through a real backwa
 fires the post-accumulate-grad hooks exactly as a training backward does), runs one step and reports
 NorMuon.bytes_sent (ring algorithm: (world-1)/world of each collective's input per rank). The minimum is a
 reduce-scatter plus an all-gather of the matrix params: 2 * (world-1)/world * their bytes. The world-2 params are
-then held against a world-1 step on the mean gradient. Nothing is asserted; it prints ratios.
+then held against a world-1 step on the mean gradient. Only the matrices matter here, so each rank builds the preset
+at world size 1 (no batch or data: a preset whose batch does not split over 2 ranks still benches) and joins the
+2-rank group from torchrun's env. Nothing is asserted; it prints ratios.
 """
 
 from __future__ import annotations
@@ -217,8 +220,9 @@ def bench_time(preset: str, repeats: int, bf16_muon: bool, compile_helpers: bool
 def dist_worker(preset: str, out_dir: str) -> None:
     """One rank of part 2: a hook-driven NorMuon step at the world size torchrun gives; writes rank{r}.pt."""
     torch.set_num_threads(1)
-    hp, launch = T.parse_env({"PRESET": preset, **{k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}},
-                             cuda_available=False)
+    # torchrun's env straight into Launch, not through parse_env: that would also check the preset's batch against
+    # this world size, which NorMuon's step never sees
+    launch = T.Launch(*(int(os.environ[key]) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")))
     T.init_distributed(launch)
     _, _, normuon = build(preset)
     params = [p for p, _ in matrices(normuon)]
@@ -228,7 +232,7 @@ def dist_worker(preset: str, out_dir: str) -> None:
     reduces_from_hooks = len(normuon._pending)
     normuon.step()
     torch.save({"params": [p.detach().clone() for p in params], "bytes_sent": normuon.bytes_sent,
-                "reduces_from_hooks": reduces_from_hooks, "shape_groups": len(normuon.shape_groups)},
+                "reduces_from_hooks": reduces_from_hooks, "comm_groups": len(normuon.comm_groups)},
                os.path.join(out_dir, f"rank{launch.rank}.pt"))
     T.dist.destroy_process_group()
 
@@ -252,9 +256,9 @@ def bench_comm(preset: str) -> None:
     minimum = 2 * (WORLD - 1) / WORLD * param_bytes
 
     print(f"\n== communication per step at world {WORLD} (gloo, one NorMuon step, hooks fired by backward) ==")
-    print(f"  matrix params: {param_bytes / 2**20:.2f} MiB in {ranks[0]['shape_groups']} shape groups; "
+    print(f"  matrix params: {param_bytes / 2**20:.2f} MiB in {ranks[0]['comm_groups']} communication groups; "
           f"reduce-scatters launched from hooks before step(): {ranks[0]['reduces_from_hooks']}"
-          f"/{ranks[0]['shape_groups']}")
+          f"/{ranks[0]['comm_groups']}")
     print(f"  {'rank':<6}{'bytes sent':>14}{'minimum':>14}{'sent / min':>14}")
     for r, result in enumerate(ranks):
         print(f"  {r:<6}{result['bytes_sent']:>14,}{int(minimum):>14,}{result['bytes_sent'] / minimum:>13.6f}x")
@@ -271,13 +275,16 @@ def bench_comm(preset: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu", choices=("cpu", "speedrun"),
-                        help="parameter shapes: cpu (4 layers, dim 128) or speedrun (12 layers, dim 768)")
+    parser.add_argument("--preset", default=None, choices=("cpu", "speedrun", "test"),
+                        help="parameter shapes: cpu (4 layers, dim 128, the default), speedrun (12 layers, dim 768) "
+                             "or test (4 layers, dim 32; --quick's)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repeats per variant (default: 30 for cpu, 2 for speedrun)")
+                        help="timed repeats per variant (default: 30 for cpu and test, 2 for speedrun; --quick: 3)")
     parser.add_argument("--bf16-muon", choices=("auto", "on", "off"), default="auto",
-                        help="also time torch.optim.Muon with its own bf16 GEMMs (auto: only for cpu; at speedrun "
-                             "shapes one such step takes minutes on a CPU)")
+                        help="also time torch.optim.Muon with its own bf16 GEMMs (auto: not for speedrun, where "
+                             "one such step takes minutes on a CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="both parts at the test preset's shapes, 3 repeats: checks the bench runs, times nothing")
     parser.add_argument("--compile", action="store_true",
                         help="build NorMuon as COMPILE=1 does (its helpers torch.compile'd; first call compiles)")
     parser.add_argument("--skip-time", action="store_true", help="skip part 1 (step time)")
@@ -288,14 +295,15 @@ def main() -> None:
         dist_worker(args.preset, args.dist_worker)
         return
     torch.set_num_threads(1)
-    repeats = args.repeats if args.repeats is not None else (30 if args.preset == "cpu" else 2)
+    preset = args.preset or ("test" if args.quick else "cpu")
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 2 if preset == "speedrun" else 30)
     if repeats < 1:
         parser.error(f"--repeats {repeats}: expected at least 1")
-    bf16_muon = args.bf16_muon == "on" or (args.bf16_muon == "auto" and args.preset == "cpu")
+    bf16_muon = args.bf16_muon == "on" or (args.bf16_muon == "auto" and preset != "speedrun")
     if not args.skip_time:
-        bench_time(args.preset, repeats, bf16_muon, args.compile)
+        bench_time(preset, repeats, bf16_muon, args.compile)
     if not args.skip_dist:
-        bench_comm(args.preset)
+        bench_comm(preset)
 
 
 if __name__ == "__main__":

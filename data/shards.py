@@ -62,9 +62,12 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | list[int]) -> None
 def shard_token_count(path: str | os.PathLike) -> int:
     """Check a shard's header and file size; return its token count."""
     path = Path(path)
-    file_bytes = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_header = f.read(HEADER_BYTES)
+    try:
+        file_bytes = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_header = f.read(HEADER_BYTES)
+    except OSError as error:  # a folder, a missing or unreadable file: one line, as for a bad header
+        raise ValueError(f"{path}: cannot read it ({error.strerror}). {HINT}") from None
     # checked on the bytes: np.frombuffer of a length that is not a multiple of 4 raises numpy's own error
     if len(raw_header) < HEADER_BYTES:
         raise ValueError(f"{path}: {file_bytes} bytes is shorter than the {HEADER_BYTES}-byte shard header "

@@ -9,17 +9,23 @@ Usage (each PATH is a log file or a folder; a folder contributes its *.txt files
     python records/validate.py --by NORM,OPTIMIZER logs/     # factorial table and 2x2 interaction contrasts
     python records/validate.py --plot curves.png logs/       # val-loss curves (+ diagnostics); needs matplotlib
     python records/validate.py --json logs/                  # the same results as one JSON document on stdout
+    python records/validate.py --pool logs/                  # pool runs of different configurations anyway
 
 Logs: this project's logs (source of train_gpt.py, a line of 100 '=', then `config: {json}`, step lines,
-optional `diag: {json}` lines, `peak memory ...` and `final: {json}` or, for a diverged run, `stopped: {json}`)
-and the public modded-nanogpt logs (source, then step lines only; the final val loss is the val_loss logged at
-step N of `step:N/N`). Only lines after the first separator line are parsed, and a step line must match the
-whole step-line pattern from its first character, so source code that mentions "step:" is never read as data.
+optional `diag: {json}` lines, `peak memory ...` and `final: {json}` or, for a run that diverged, was interrupted
+or met a bad shard, `stopped: {json}`) and the public modded-nanogpt logs (source, then step lines only; the final
+val loss is the val_loss logged at step N of `step:N/N`). Only lines after the first separator line are parsed,
+and a step line must match the whole step-line pattern from its first character, so source code that mentions
+"step:" is never read as data.
 A log that did not finish, diverged, or holds a NaN/inf loss is named on stderr with the reason and left out.
+Runs whose `config:` lines differ in anything but PER_RUN_KEYS (seed, run_tag, log_dir, git_commit) are not pooled
+into one test: each --compare set, the record set, and the --by table apart from its keys must be one
+configuration, or validate.py names the differing keys and exits 2 (--pool pools them anyway, with a warning).
 
 Exit codes: 0 the test passed (default mode: p < alpha, a record; --compare: the final losses differ at
 p < alpha; --by: the table was computed), 1 it did not, 2 unusable input (bad arguments, an unreadable or missing
-path, too few usable runs, final losses that do not vary), with a message that names the input and the fix.
+path, too few usable runs, runs of different configurations, final losses that do not vary), with a message that
+names the input and the fix.
 """
 from __future__ import annotations
 
@@ -45,6 +51,11 @@ DEFAULT_TARGET = 3.28
 DEFAULT_ALPHA = 0.01
 CONFIDENCE = 0.95
 SEPARATOR = "=" * 100
+# `config:` keys that vary from run to run of one configuration: the seed (what a set of runs varies), the tag and
+# log folder (names), the commit (runs may straddle a commit that changed no behaviour). Every other key, device,
+# world size and torch version included, is configuration: it changes the loss or the time, so runs that differ
+# in one are not pooled into one test unless --by groups them or --pool is given.
+PER_RUN_KEYS = ("seed", "run_tag", "log_dir", "git_commit")
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
 STEP_LINE = re.compile(
     rf"^step:(?P<step>\d+)/(?P<total>\d+)"
@@ -403,24 +414,70 @@ def require_spread(sets: dict[str, Sequence[float]]) -> None:
                          "seeds (runs of one seed on deterministic kernels repeat one sample)")
 
 
-def record_report(inputs: Sequence[str], target: float, alpha: float) -> tuple[dict[str, Any], dict[str, list[Run]]]:
+def config_differences(runs: Sequence[Run], ignore: Sequence[str] = ()) -> dict[str, dict[str, list[Run]]]:
+    """The `config:` keys whose values differ between runs (PER_RUN_KEYS and `ignore` left out), each as
+    {value as JSON: runs}; a key missing from a run's config counts as the value "(absent)". Runs without a
+    config line (public speedrun logs) are not compared."""
+    configured = [run for run in runs if run.config]
+    skipped = {key.lower() for key in (*PER_RUN_KEYS, *ignore)}
+    differences: dict[str, dict[str, list[Run]]] = {}
+    for key in sorted({key for run in configured for key in run.config if key.lower() not in skipped}):
+        values: dict[str, list[Run]] = {}
+        for run in configured:
+            value = json.dumps(run.config[key], sort_keys=True) if key in run.config else "(absent)"
+            values.setdefault(value, []).append(run)
+        if len(values) > 1:
+            differences[key] = values
+    return differences
+
+
+def require_one_config(runs: Sequence[Run], what: str, pool: bool, by: Sequence[str] = ()) -> list[str]:
+    """InputError naming the differing keys, values and a run of each, when `runs` mix configurations (beyond the
+    --by keys); with `pool`, a warning instead. Returns the differing keys."""
+    differences = config_differences(runs, by)
+    unchecked = [run for run in runs if not run.config]
+    if unchecked and len(unchecked) < len(runs):
+        print(f"validate.py: warning: {what}: {len(unchecked)} log(s) without a `config:` line (public speedrun "
+              f"logs, e.g. {unchecked[0].path}) pooled unchecked", file=sys.stderr)
+    if not differences:
+        return []
+    shown = lambda value: value if len(value) <= 40 else value[:37] + "..."
+    described = "; ".join(f"{key}: " + ", ".join(f"{shown(value)} ({len(group)} run(s), e.g. {group[0].path.name})"
+                                                 for value, group in values.items())
+                          for key, values in differences.items())
+    if pool:
+        print(f"validate.py: warning: --pool: {what} pools runs of different configurations ({described})",
+              file=sys.stderr)
+        return list(differences)
+    grouping = ",".join([key.upper() for key in by] + [key.upper() for key in differences])
+    raise InputError(f"{what} mixes configurations ({described}); a t-test needs runs of one configuration: "
+                     f"split them into folders, group them with --by {grouping}, or pass --pool to pool them anyway")
+
+
+def record_report(inputs: Sequence[str], target: float, alpha: float,
+                  pool: bool = False) -> tuple[dict[str, Any], dict[str, list[Run]]]:
     """Default mode: every run, then the one-sided t-test of the mean final loss against `target`."""
     runs, excluded = load_runs(inputs)
     require_runs(runs, 2, "the input " + " ".join(inputs))
+    pooled = require_one_config(runs, "the input " + " ".join(inputs), pool)
     require_spread({"the input " + " ".join(inputs): [r.final_loss for r in runs]})
     report = {"mode": "record", "alpha": alpha, "groups": [group_report("all", runs)],
               "excluded": [{"path": str(r.path), "reason": r.problem} for r in excluded],
-              "test": one_sample_test([r.final_loss for r in runs], target)}
+              "test": one_sample_test([r.final_loss for r in runs], target), "pooled_over": pooled}
     report["passed"] = report["test"]["p"] < alpha
     return report, {str(run.path): [run] for run in runs}
 
 
-def compare_report(path_a: str, path_b: str, alpha: float) -> tuple[dict[str, Any], dict[str, list[Run]]]:
-    """--compare: Welch t-tests of final losses and of train times, set B against set A."""
+def compare_report(path_a: str, path_b: str, alpha: float,
+                   pool: bool = False) -> tuple[dict[str, Any], dict[str, list[Run]]]:
+    """--compare: Welch t-tests of final losses and of train times, set B against set A (each of one
+    configuration; the two may differ, that is the comparison)."""
     runs_a, excluded_a = load_runs([path_a])
     runs_b, excluded_b = load_runs([path_b])
     require_runs(runs_a, 2, f"set A ({path_a})")
     require_runs(runs_b, 2, f"set B ({path_b})")
+    pooled = sorted(set(require_one_config(runs_a, f"set A ({path_a})", pool))
+                    | set(require_one_config(runs_b, f"set B ({path_b})", pool)))
     require_spread({f"set A ({path_a})": [r.final_loss for r in runs_a],
                     f"set B ({path_b})": [r.final_loss for r in runs_b]})
     loss = welch_test([r.final_loss for r in runs_a], [r.final_loss for r in runs_b])
@@ -428,12 +485,14 @@ def compare_report(path_a: str, path_b: str, alpha: float) -> tuple[dict[str, An
     report = {"mode": "compare", "alpha": alpha,
               "groups": [group_report(f"A: {path_a}", runs_a), group_report(f"B: {path_b}", runs_b)],
               "excluded": [{"path": str(r.path), "reason": r.problem} for r in excluded_a + excluded_b],
-              "welch": {"loss": loss, "time_s": time}, "passed": loss["p"] < alpha}
+              "welch": {"loss": loss, "time_s": time}, "passed": loss["p"] < alpha, "pooled_over": pooled}
     return report, {f"A: {path_a}": runs_a, f"B: {path_b}": runs_b}
 
 
-def by_report(inputs: Sequence[str], keys: Sequence[str], alpha: float) -> tuple[dict[str, Any], dict[str, list[Run]]]:
-    """--by: runs grouped by config values, per-cell mean/std/n, and the 2x2 interaction contrasts."""
+def by_report(inputs: Sequence[str], keys: Sequence[str], alpha: float,
+              pool: bool = False) -> tuple[dict[str, Any], dict[str, list[Run]]]:
+    """--by: runs grouped by config values, per-cell mean/std/n, and the 2x2 interaction contrasts. Apart from
+    the --by keys (and PER_RUN_KEYS) the runs must share one configuration, or a contrast mixes in other changes."""
     runs, excluded = load_runs(inputs)
     if not runs:
         raise InputError(f"no usable run in {' '.join(inputs)}; see the warnings above for why each log was left out")
@@ -441,8 +500,10 @@ def by_report(inputs: Sequence[str], keys: Sequence[str], alpha: float) -> tuple
     if not cells:
         raise InputError(f"no usable run has config keys {', '.join(keys)}; --by needs this project's logs "
                          "(with a `config:` line) and keys among their hyperparameter names")
+    pooled = require_one_config([run for cell in cells.values() for run in cell], "--by " + ",".join(keys), pool,
+                                by=keys)
     labels = {values: ", ".join(f"{k}={v}" for k, v in zip(keys, values)) for values in cells}
-    report = {"mode": "by", "alpha": alpha, "keys": list(keys),
+    report = {"mode": "by", "alpha": alpha, "keys": list(keys), "pooled_over": pooled,
               "groups": [dict(group_report(labels[values], cell), levels=list(values))
                          for values, cell in cells.items()],
               "excluded": [{"path": str(r.path), "reason": r.problem} for r in excluded + missing],
@@ -522,6 +583,8 @@ def report_text(report: dict[str, Any]) -> str:
                   f"losses {'differ' if report['passed'] else 'do not differ'} at alpha={report['alpha']}"]
     else:
         lines += by_text(report)
+    if report.get("pooled_over"):
+        lines.append(f"--pool: runs pooled over differing config keys {', '.join(report['pooled_over'])}")
     if "plot" in report:
         lines.append(f"plot written to {report['plot']}")
     if report["excluded"]:
@@ -560,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, metavar="OUT.png",
                         help="write val-loss curves (and diagnostics) to this file; needs matplotlib")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    parser.add_argument("--pool", action="store_true",
+                        help="pool runs whose `config:` lines differ (beyond seed, run_tag, log_dir, git_commit and "
+                             "the --by keys) instead of refusing them; the differing keys are still named on stderr")
     return parser
 
 
@@ -587,12 +653,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_args(args)
         if args.compare:
-            report, groups = compare_report(*args.compare, alpha=args.alpha)
+            report, groups = compare_report(*args.compare, alpha=args.alpha, pool=args.pool)
         elif args.by:
             keys = [key.strip().lower() for key in args.by.split(",") if key.strip()]
-            report, groups = by_report(args.paths, keys, args.alpha)
+            report, groups = by_report(args.paths, keys, args.alpha, pool=args.pool)
         else:
-            report, groups = record_report(args.paths, args.target, args.alpha)
+            report, groups = record_report(args.paths, args.target, args.alpha, pool=args.pool)
         if args.plot is not None:
             plot_groups(groups, args.plot)
     except InputError as exc:

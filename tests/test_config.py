@@ -1,5 +1,7 @@
 """Hyperparameters: presets, typed env overrides and their errors."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +12,12 @@ import train_gpt as T
 
 def parse(env, cuda=False):
     return T.parse_env(env, cuda_available=cuda)
+
+
+def torchrun_env(world: int, rank: int = 0) -> dict:
+    """What torchrun sets for one rank of a world (the launch vars the trainer reads)."""
+    return {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank % 8), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500"}
 
 
 def test_presets_default_by_hardware():
@@ -60,8 +68,7 @@ def test_bad_values_name_variable_value_and_allowed(var, value, words):
 def test_speedrun_batch_geometry_is_record_48s(world, accum):
     """#48: one packed chunk of global batch / 8 tokens per forward, 8 / world forwards per rank; above 8 ranks
     one forward of global batch / world."""
-    env = {"PRESET": "speedrun", "WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}
-    hp, launch = parse(env, cuda=True)
+    hp, launch = parse({"PRESET": "speedrun", **torchrun_env(world)}, cuda=True)
     geometry = T.batch_geometry(hp, launch.world_size)
     assert geometry.accum_steps == accum and geometry.chunks == max(8, world)
     chunk = [geometry.chunk_tokens(b) for b in hp.batch_schedule]
@@ -77,7 +84,7 @@ def test_speedrun_batch_geometry_is_record_48s(world, accum):
 ])
 def test_world_size_that_divides_neither_way_is_an_error(world, words):
     with pytest.raises(T.ConfigError, match=words):
-        parse({"PRESET": "speedrun", "WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}, cuda=True)
+        parse({"PRESET": "speedrun", **torchrun_env(world)}, cuda=True)
 
 
 def test_val_tokens_must_be_whole_validation_steps():
@@ -103,3 +110,145 @@ def test_help_lists_every_flag():
     text = T.help_text()
     for f in T.dataclasses.fields(T.Hyperparameters):
         assert f.name.upper() in text
+
+
+# ---- names: misspelled, other-case, renamed and planned flags; the machine's own variables ----
+
+@pytest.mark.parametrize("env, words", [
+    ({"NROM": "derf"}, "NROM=derf: not a flag; did you mean NORM?"),
+    ({"norm": "derf"}, "norm=derf: flags are upper case; did you mean NORM?"),
+    ({"Num_Iterations": "5"}, "did you mean NUM_ITERATIONS?"),
+    ({"NUM_ITERATION": "5"}, "NUM_ITERATION=5: not a flag; did you mean NUM_ITERATIONS?"),
+    ({"VAL_EVRY": "5"}, "did you mean VAL_EVERY?"),
+    ({"SEQ_LEN": "64"}, "SEQ_LEN=64: renamed MAX_SEQ_LEN"),
+    ({"MICRO_BATCH_ROWS": "2"}, "renamed BATCH_CHUNKS"),
+    ({"SAVE_CHECKPOINT": "1"}, "SAVE_CHECKPOINT=1: SAVE_CHECKPOINT is planned but not built yet"),
+    ({"RESUME": "/nonexistent.pt"}, "RESUME=/nonexistent.pt: RESUME is planned but not built yet"),
+    ({"resume": "x.pt"}, "did you mean RESUME? (not built yet)"),
+])
+def test_flag_names_that_are_not_flags_stop_the_run(env, words):
+    with pytest.raises(T.ConfigError) as error:
+        parse({"PRESET": "test", **env})
+    assert words in str(error.value)
+
+
+def test_every_planned_flag_is_refused_until_it_is_a_field():
+    fields = {f.name.upper() for f in T.dataclasses.fields(T.Hyperparameters)}
+    assert set(T.planned_flags()) == set(T.PLANNED_FLAGS) - fields
+    assert {"CHECKPOINT_EVERY", "CHECKPOINT_DIR", "CHECKPOINT_KEEP"} <= set(T.planned_flags()) | fields
+    for name in T.PLANNED_FLAGS:
+        if name in fields:  # built (MOMO, MOMO_LB): parsed as a flag like any other
+            parse({"PRESET": "test", "ADAM_STEP_EVERY": "1", name: "0"})
+        else:
+            with pytest.raises(T.ConfigError, match=f"{name}=1: {name} is planned but not built yet"):
+                parse({"PRESET": "test", name: "1"})
+    with pytest.raises(T.ConfigError) as error:  # every problem in one line
+        parse({"PRESET": "test", "SAVE_CHECKPOINT": "1", "RESUME": "a.pt", "NROM": "derf"})
+    assert str(error.value).count("; ") >= 2 and "\n" not in str(error.value)
+
+
+MACHINE_ENV = {  # what clusters, containers, CI and torchrun set: none of it may trip the flag check
+    name: "1" for name in (
+        "PATH", "HOME", "PWD", "OLDPWD", "TERM", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TZ", "HOSTNAME",
+        "TMPDIR", "EDITOR", "PAGER", "DISPLAY", "SSH_CONNECTION", "CI", "GITHUB_ACTIONS", "RUNNER_OS",
+        "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUM_THREADS", "TOKENIZERS_PARALLELISM", "PYTHONPATH", "PYTHONHASHSEED",
+        "PYTHONUNBUFFERED", "VIRTUAL_ENV", "CONDA_PREFIX", "PIP_FIND_LINKS", "HF_HOME", "HF_TOKEN", "WANDB_API_KEY",
+        "TORCH_HOME", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_LOGS", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+        "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "NCCL_DEBUG", "NCCL_IB_DISABLE", "NCCL_SOCKET_IFNAME",
+        "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "GROUP_WORLD_SIZE",
+        "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+        "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS",
+        "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "MAX_JOBS", "BATCH_SIZE", "SEED_ALL")}
+
+
+def test_the_machines_own_variables_never_trip_the_flag_check(monkeypatch):
+    hp, launch = parse({**os.environ, **MACHINE_ENV, "PRESET": "test", "WORLD_SIZE": "1", "RANK": "0",
+                        "LOCAL_RANK": "0"})
+    assert launch == T.Launch(0, 0, 1) and hp.preset == "test"
+
+
+@pytest.mark.parametrize("a, b, distance", [("NROM", "NORM", 1), ("NORM", "NORM", 0), ("PWD", "CWD", 1),
+                                            ("TERM", "NORM", 2), ("NUM_ITERATION", "NUM_ITERATIONS", 1),
+                                            ("", "AB", 2), ("ABC", "CBA", 2)])
+def test_edit_distance_counts_a_swap_of_neighbours_as_one(a, b, distance):
+    assert T.edit_distance(a, b) == T.edit_distance(b, a) == distance
+
+
+# ---- launches, paths, schedules ----
+
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 without MASTER_ADDR and MASTER_PORT"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h"}, "WORLD_SIZE=2 without MASTER_PORT"),
+    ({"RANK": "1"}, "RANK=1: expected less than WORLD_SIZE=1 (unset)"),
+    ({**torchrun_env(2), "RANK": "2"}, "RANK=2: expected less than WORLD_SIZE=2;"),
+])
+def test_world_size_or_rank_without_torchrun_is_refused(env, words):
+    with pytest.raises(T.ConfigError) as error:
+        parse({"PRESET": "test", **env})
+    assert words in str(error.value) and "torchrun --standalone --nproc_per_node=2 train_gpt.py" in str(error.value)
+    assert parse({"PRESET": "test", **torchrun_env(2, rank=1)})[1] == T.Launch(1, 1, 2)
+
+
+def test_lr_boost_at_must_increase_inside_the_schedule():
+    for value in ("0.6,0.5", "0.5,0.5", "0.0,0.5", "0.5,1.2"):
+        with pytest.raises(T.ConfigError, match=f"LR_BOOST_AT={value}: expected an increasing"):
+            parse({"PRESET": "test", "LR_BOOSTS": "1,2,3", "LR_BOOST_AT": value})
+    assert parse({"PRESET": "test", "LR_BOOSTS": "1,2,3", "LR_BOOST_AT": "0.2,0.7"})[0].lr_boost_at == (0.2, 0.7)
+
+
+@pytest.mark.parametrize("raised", [
+    {"VAL_BATCH_TOKENS": "2048"},
+    {"BATCH_SCHEDULE": "1000", "VAL_BATCH_TOKENS": "1000"},
+    {"VAL_BATCH_TOKENS": "1000", "VAL_TOKENS": "3000"},
+    {"BATCH_CHUNKS": "3"},
+])
+def test_raising_a_size_names_every_field_to_change_at_once(raised):
+    """One error names every field that must change with the raised one, with values that fit: taking them all
+    makes a configuration that parses (no second round of errors)."""
+    env = {"PRESET": "test", **raised}
+    with pytest.raises(T.ConfigError) as error:
+        parse(env)
+    message = str(error.value)
+    assert "\n" not in message
+    fixes = dict(re.findall(r"e\.g\. ([A-Z_]+)=([\d,]+)", message) + re.findall(r"with ([A-Z_]+)=(\d+)", message))
+    assert fixes
+    assert parse({**env, **fixes})[0].preset == "test"
+
+
+def test_log_dir_under_a_regular_file_is_one_line(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("PRESET", "test")
+    monkeypatch.setenv("LOG_DIR", str(blocker / "logs"))
+    assert T.main([]) == 2
+    assert capsys.readouterr().err.strip() == f"error: LOG_DIR={blocker}/logs: {blocker} is a file, not a folder; " \
+                                              "point LOG_DIR at a folder"
+    with pytest.raises(T.ConfigError, match="is a file"):
+        T.check_log_dir(str(blocker))
+
+
+def test_arguments_other_than_help_and_check_are_named(capsys, monkeypatch):
+    assert T.main(["--foo"]) == 2
+    assert capsys.readouterr().err.startswith("error: --foo: not an argument of train_gpt.py")
+    assert T.main(["--help", "extra"]) == 2 and "error: extra:" in capsys.readouterr().err
+    assert T.main(["-h"]) == 0 and "NUM_ITERATIONS" in capsys.readouterr().out
+    monkeypatch.setenv("PRESET", "test")
+    monkeypatch.setenv("NROM", "derf")
+    assert T.main(["--check"]) == 2 and "did you mean NORM?" in capsys.readouterr().err
+    monkeypatch.delenv("NROM")
+    assert T.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"NROM": "derf"}, "error: NROM=derf: not a flag; did you mean NORM?"),
+    ({"WORLD_SIZE": "2"}, "error: WORLD_SIZE=2 without MASTER_ADDR and MASTER_PORT"),
+])
+def test_env_errors_exit_2_with_one_line_from_the_command_line(tmp_path, env, words):
+    full = {"PRESET": "test", "LOG_DIR": str(tmp_path / "logs"), "PATH": "/usr/bin:/bin", **env}
+    result = subprocess.run([sys.executable, str(T.Path(T.__file__))], env=full, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(words)
+    assert not (tmp_path / "logs").exists()

@@ -67,15 +67,17 @@ def test_world2_equals_world1(run_env, tmp_path, optimizer):
     run([sys.executable, "tests/dist_worker.py", str(tmp_path / "w1.pt"), "4"], env)
     run(TORCHRUN + ["tests/dist_worker.py", str(tmp_path / "w2.pt"), "4"], env)
     one, two = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
+    torch.manual_seed(0)  # setup() seeds with SEED (0) before it builds the model: the same initial weights
     fresh = T.GPT(T.parse_env({"PRESET": "test"}, False)[0])
     start = torch.cat([p.flatten() for p in fresh.state_dict().values()])
     w1 = torch.cat([p.flatten() for p in one["params"].values()])
     w2 = torch.cat([p.flatten() for p in two["params"].values()])
     # fp32 sums in another order differ in the last bits; Adam turns that into a sign flip where a gradient is
-    # ~0, and bf16 Polar Express into 1-ulp bf16 flips. Measured |w2 - w1| / |w1 - w0|: 9e-7 (adamw, 21 of 8.1M
-    # elements off by > 1e-6) and 1.3e-5 (normuon, 4655 elements); a gradient reduced after the wrong
+    # ~0, and bf16 Polar Express of the near-zero gradients of zero-initialized matrices into larger differences.
+    # Measured |w2 - w1| / |w1 - w0|: 6.6e-5 (adamw), 3.3e-4 (normuon); a gradient reduced after the wrong
     # micro-batch is off by O(1)
-    assert (w2 - w1).norm() <= 1e-4 * (w1 - start).norm()
+    print(f"|w2 - w1| / |w1 - w0| = {((w2 - w1).norm() / (w1 - start).norm()).item():.2e}")
+    assert (w2 - w1).norm() <= 1e-3 * (w1 - start).norm()
     assert one["params"]["embed.weight"].sub(fresh.embed.weight).abs().max() > 0  # training moved the params
     for a, b in zip(one["losses"], two["losses"]):
         assert abs(a - b) < 1e-5

@@ -393,3 +393,76 @@ def test_identical_losses_are_not_a_record(tmp_path: Path, capsys: pytest.Captur
     assert validate.main(["--compare", str(folder), str(other)]) == validate.EXIT_UNUSABLE
     spread = write_runs(tmp_path / "spread", [3.2790, 3.2795, 3.2785], [131.0, 131.2, 130.9])
     assert validate.main(["--compare", str(folder), str(spread)]) in (validate.EXIT_PASS, validate.EXIT_FAIL)
+
+
+# ---- runs of different configurations are not pooled ----
+
+def test_runs_of_different_configurations_are_refused_naming_the_keys(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    write_runs(tmp_path, [3.2761, 3.2790], [130.0, 131.0], config={"num_iterations": 4, "world_size": 1},
+               prefix="short")
+    write_runs(tmp_path, [3.2772, 3.2780], [130.5, 131.5], config={"num_iterations": 20, "world_size": 2},
+               prefix="long")
+    result = run_main(capsys, str(tmp_path))
+    assert result.returncode == validate.EXIT_UNUSABLE and result.stdout == ""
+    (line,) = [line for line in result.stderr.splitlines() if "error" in line]
+    assert "mixes configurations" in line and "num_iterations: 20 (2 run(s), e.g. long_0.txt), 4" in line
+    assert "world_size: 2 (2 run(s), e.g. long_0.txt), 1 (2 run(s), e.g. short_0.txt)" in line
+    assert "--by NUM_ITERATIONS,WORLD_SIZE" in line and "--pool" in line
+    pooled = run_main(capsys, "--pool", "--json", str(tmp_path))
+    report = json.loads(pooled.stdout)
+    assert report["groups"][0]["loss"]["n"] == 4 and report["pooled_over"] == ["num_iterations", "world_size"]
+    assert "--pool" in pooled.stderr and "num_iterations" in pooled.stderr
+    grouped = run_main(capsys, "--by", "NUM_ITERATIONS,WORLD_SIZE", "--json", str(tmp_path))
+    assert grouped.returncode == validate.EXIT_PASS
+    assert [g["loss"]["n"] for g in json.loads(grouped.stdout)["groups"]] == [2, 2]
+
+
+def test_per_run_keys_differ_freely(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for index, loss in enumerate([3.2761, 3.2790, 3.2772]):
+        write_project_log(tmp_path / f"{index}.txt", loss, 130.0,
+                          config={"seed": index, "run_tag": f"t{index}", "log_dir": f"logs{index}",
+                                  "git_commit": f"{index:040d}"})
+    result = run_main(capsys, "--json", str(tmp_path))
+    assert result.returncode in (validate.EXIT_PASS, validate.EXIT_FAIL), result.stderr
+    assert json.loads(result.stdout)["pooled_over"] == []
+    assert set(validate.PER_RUN_KEYS) == {"seed", "run_tag", "log_dir", "git_commit"}
+
+
+def test_device_torch_version_and_a_missing_key_count_as_configuration(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    write_project_log(tmp_path / "a.txt", 3.2761, 130.0, config={"device": "NVIDIA H100 80GB HBM3"})
+    write_project_log(tmp_path / "b.txt", 3.2790, 130.0, config={"device": "NVIDIA H100 PCIe", "momo": False})
+    result = run_main(capsys, str(tmp_path))
+    assert result.returncode == validate.EXIT_UNUSABLE
+    assert "device: " in result.stderr and "momo: (absent) (1 run(s), e.g. a.txt), false" in result.stderr
+
+
+def test_compare_checks_each_set_but_not_across_sets(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder_a = write_runs(tmp_path / "a", [3.2771, 3.2780, 3.2768], [131.0, 131.4, 130.8], config={"norm": "derf"})
+    folder_b = write_runs(tmp_path / "b", [3.2801, 3.2789, 3.2812], [128.3, 129.0, 128.1])
+    assert run_main(capsys, "--compare", str(folder_a), str(folder_b)).returncode in (0, 1)  # norm differs: fine
+    write_project_log(folder_b / "odd.txt", 3.2795, 128.5, config={"max_seq_len": 64})
+    mixed = run_main(capsys, "--compare", str(folder_a), str(folder_b))
+    assert mixed.returncode == validate.EXIT_UNUSABLE and f"set B ({folder_b}) mixes configurations" in mixed.stderr
+    assert "max_seq_len" in mixed.stderr
+
+
+def test_by_refuses_a_difference_outside_its_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for norm in ("derf", "rmsnorm"):
+        write_runs(tmp_path, [3.30, 3.31], [100.0, 101.0], config={"norm": norm}, prefix=norm)
+    assert run_main(capsys, "--by", "NORM", str(tmp_path)).returncode == validate.EXIT_PASS
+    write_project_log(tmp_path / "other.txt", 3.32, 100.0, config={"norm": "derf", "num_iterations": 100})
+    result = run_main(capsys, "--by", "NORM", str(tmp_path))
+    assert result.returncode == validate.EXIT_UNUSABLE and "--by NORM,NUM_ITERATIONS" in result.stderr
+
+
+def test_public_logs_without_config_still_pool(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for index, loss in enumerate(SEED_RECORD_LOSSES[:4]):
+        write_public_log(tmp_path / f"public_{index}.txt", loss, 131.0 + index)
+    result = run_main(capsys, str(tmp_path))
+    assert result.returncode in (validate.EXIT_PASS, validate.EXIT_FAIL) and "warning" not in result.stderr
+    write_project_log(tmp_path / "ours.txt", 3.2790, 130.0)
+    mixed = run_main(capsys, str(tmp_path))
+    assert mixed.returncode in (validate.EXIT_PASS, validate.EXIT_FAIL)
+    assert "4 log(s) without a `config:` line" in mixed.stderr

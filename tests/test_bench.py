@@ -1,0 +1,86 @@
+"""Every bench script runs (--quick: tiny shapes, synthetic data) and prints its table; no timing is asserted."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt as T
+
+REPO = Path(T.__file__).resolve().parent
+BENCH = REPO / "bench"
+
+
+def run_quick(script: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "PRESET")}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([sys.executable, str(BENCH / script), "--quick"], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def load_step_bench():
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH / "step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_bench_script_has_a_test():
+    assert sorted(p.name for p in BENCH.glob("*.py")) == ["norms.py", "optimizer.py", "step.py"]
+
+
+@pytest.mark.slow
+def test_step_quick_prints_the_split_table():
+    out = run_quick("step.py")
+    assert "check: split step == T.train_step on fresh states" in out
+    header = next(line for line in out.splitlines() if "fwd+bwd" in line)
+    for column in ("data", "optimizer", "split", "train_step", "split/whole", "tokens/s", "MFU"):
+        assert column in header
+    assert "peak " in out and "TFLOP/s" in out
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("result: "))[len("result: "):])
+    assert result["preset"] == "test"
+    assert {"data", "fwd+bwd", "optimizer", "split", "train_step"} <= set(result["phases"][0])
+
+
+@pytest.mark.slow
+def test_optimizer_quick_prints_both_parts():
+    out = run_quick("optimizer.py")
+    assert "like for like" in out and "x torch.optim.Muon" in out
+    assert "where NorMuon's" in out
+    assert "communication per step at world 2" in out and "sent / min" in out
+    assert out.count("params vs a world-1 step on the mean gradient") == 2
+    assert "OUTSIDE" not in out  # the world-2 step equals a world-1 step on the mean gradient
+
+
+@pytest.mark.slow
+def test_norms_quick_prints_both_parts():
+    out = run_quick("norms.py")
+    assert "rmsnorm ms" in out and "speedup" in out
+    assert "validation ms" in out
+    for norm in ("rmsnorm", "dyt", "derf", "derf_ema"):
+        assert any(line.split() and line.split()[0] == norm for line in out.splitlines())
+
+
+def test_step_split_equals_train_step_and_refuses_a_step_without_its_cuts(tmp_path, monkeypatch):
+    """The cut step computes exactly what T.train_step does; a train_step whose order lost the cuts stops the
+    bench instead of timing something else."""
+    bench = load_step_bench()
+    device = torch.device("cpu")
+    hp, launch = T.parse_env({"PRESET": "test"}, cuda_available=False)
+    hp = bench.write_synthetic_shards(T.resolve_auto(hp, device), tmp_path)
+    state = T.setup(hp, launch, device)
+    assert "max rel diff loss 0.0e+00, params 0.0e+00" in bench.check_split(hp, launch, state)
+    step_model = state.step_model
+    _, parts = bench.split_step(state, 0)
+    assert set(parts) == {"data", "fwd+bwd", "optimizer"} and all(v >= 0 for v in parts.values())
+    assert state.step_model is step_model and T.set_schedule.__name__ == "set_schedule"  # the cuts are undone
+    monkeypatch.setattr(T, "train_step", lambda state, step: state.step_model(*[torch.zeros(9, dtype=torch.long)] * 2))
+    with pytest.raises(SystemExit, match="move the cuts"):
+        bench.split_step(state, 1)
