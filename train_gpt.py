@@ -257,7 +257,7 @@ def _check_field(f: dataclasses.Field, value: object) -> None:
             raise ConfigError(f"{name}={shown}: expected {rule}")
 
 
-# Flags in SPEC that this version does not build yet: set, they are refused (a silently ignored RESUME would train
+# Flags planned for this trainer that this version does not build yet: set, they are refused (a silently ignored RESUME would train
 # from scratch). A name leaves the list by becoming a Hyperparameters field (planned_flags() subtracts the fields).
 PLANNED_FLAGS = ("SAVE_CHECKPOINT", "RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_DIR", "CHECKPOINT_KEEP", "MOMO",
                  "MOMO_LB")
@@ -974,7 +974,7 @@ def newton_schulz5(g: Tensor) -> Tensor:
 
 
 def variance_reduce_dim(shape: Sequence[int], is_gate: bool) -> int:
-    """NorMuon's reduce dim (SPEC 5): the last dim for gates and for rows >= cols, else the second-to-last."""
+    """NorMuon's reduce dim (record #48): the last dim for gates and for rows >= cols, else the second-to-last."""
     return -1 if is_gate or shape[-2] >= shape[-1] else -2
 
 
@@ -1843,7 +1843,7 @@ class ShardError(ValueError):
 
 
 def read_shard_header(path: str) -> int:
-    """Checks a shard's header and size (SPEC 7: 256 int32 header, then uint16 tokens); returns the token count."""
+    """Checks a shard's header and size (llm.c / speedrun format: 256 int32 header, then uint16 tokens); returns the token count."""
     try:
         header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
         actual = os.path.getsize(path)

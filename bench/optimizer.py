@@ -4,6 +4,7 @@
     python bench/optimizer.py --preset speedrun --repeats 2    # the record's 12-layer 768-dim shapes (slow on CPU)
     python bench/optimizer.py --bf16-muon off --skip-dist      # only the like-for-like timing
     python bench/optimizer.py --quick                          # the `test` preset's shapes, 3 repeats (what tests run)
+    python bench/optimizer.py --skip-time --skip-dist          # only part 3: MuonMax and MOMO=1 against NorMuon
 
 Part 1 (time). The matrices are those build_optimizers hands NorMuon (param_groups() keys qkvo with blocks=4,
 c_fc, c_proj, gates with is_gate=True), with fixed random gradients already in .grad at world size 1. It times
@@ -26,6 +27,10 @@ reduce-scatter plus an all-gather of the matrix params: 2 * (world-1)/world * th
 then held against a world-1 step on the mean gradient. Only the matrices matter here, so each rank builds the preset
 at world size 1 (no batch or data: a preset whose batch does not split over 2 ranks still benches) and joins the
 2-rank group from torchrun's env. Nothing is asserted; it prints ratios.
+
+Part 3 (optimizer variants). The whole optimizer step (matrix optimizer and DistAdam over every parameter) for
+OPTIMIZER=normuon and muonmax, each without and with MOMO=1, on the same model and fixed gradients, round-robin,
+as ratios to NorMuon's step.
 """
 
 from __future__ import annotations
@@ -217,6 +222,54 @@ def bench_time(preset: str, repeats: int, bf16_muon: bool, compile_helpers: bool
           "(grad stack, copy-back, 0-D tensors, Python; step minus the stages)")
 
 
+OPTIMIZER_VARIANTS = (("normuon", False), ("muonmax", False), ("normuon", True), ("muonmax", True))
+
+
+def bench_variants(preset: str, repeats: int) -> None:
+    """Part 3: the whole optimizer step of every parameter (the matrix optimizer and DistAdam, as build_optimizers
+    makes them) for OPTIMIZER=normuon/muonmax, each without and with MOMO=1 (Momo's prepare, one 4-number reduce,
+    apply), on the same model and the same fixed gradients, round-robin in one process, world 1."""
+    runs = {}
+    for optimizer, momo in OPTIMIZER_VARIANTS:
+        hp = T.parse_env({"PRESET": preset, "OPTIMIZER": optimizer, "MOMO": "1" if momo else "0",
+                          "ADAM_STEP_EVERY": "1", "COMPILE": "0", "FP8": "0"}, cuda_available=False)[0]
+        torch.manual_seed(SEED)
+        model = T.GPT(hp)
+        optimizers = T.build_optimizers(model, hp)
+        params = [p for p in model.parameters()]
+        grads = random_grads(params, SEED)
+        momo_state = T.Momo(hp.momo_lb, hp.momo_beta) if momo else None
+        loss = torch.tensor(4.0)
+
+        def step(model=model, optimizers=optimizers, params=params, grads=grads, momo_state=momo_state) -> float:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            T.set_schedule(optimizers, 500, hp, grad_scale=1.0)
+            start = time.perf_counter()
+            if momo_state is not None:
+                momo_state.step(optimizers, loss)
+            else:
+                for opt in optimizers:
+                    opt.step()
+            return time.perf_counter() - start
+
+        runs[f"{optimizer}{' + momo' if momo else ''}"] = step
+    for step in runs.values():
+        step()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(runs[name]())
+    base = median_ms(samples["normuon"])
+    print(f"\n== whole optimizer step (matrices + DistAdam), preset {preset}, world 1, "
+          f"{torch.get_num_threads()} thread, median of {repeats} ==")
+    print(f"  {'OPTIMIZER, MOMO':<20}{'ms':>10}  {'/ normuon':>10}")
+    for name in names:
+        ms = median_ms(samples[name])
+        print(f"  {name:<20}{ms:>10.2f}  {ms / base:>9.3f}x")
+
+
 def dist_worker(preset: str, out_dir: str) -> None:
     """One rank of part 2: a hook-driven NorMuon step at the world size torchrun gives; writes rank{r}.pt."""
     torch.set_num_threads(1)
@@ -289,6 +342,8 @@ def main() -> None:
                         help="build NorMuon as COMPILE=1 does (its helpers torch.compile'd; first call compiles)")
     parser.add_argument("--skip-time", action="store_true", help="skip part 1 (step time)")
     parser.add_argument("--skip-dist", action="store_true", help="skip part 2 (world-2 communication)")
+    parser.add_argument("--skip-variants", action="store_true",
+                        help="skip part 3 (whole optimizer step: normuon, muonmax, each with and without MOMO=1)")
     parser.add_argument("--dist-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dist_worker:
@@ -304,6 +359,8 @@ def main() -> None:
         bench_time(preset, repeats, bf16_muon, args.compile)
     if not args.skip_dist:
         bench_comm(preset)
+    if not args.skip_variants:
+        bench_variants(preset, repeats)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,12 @@ def test_step_quick_prints_the_split_table():
 
 
 @pytest.mark.slow
-def test_optimizer_quick_prints_both_parts():
+def test_optimizer_quick_prints_every_part():
     out = run_quick("optimizer.py")
+    assert "whole optimizer step (matrices + DistAdam)" in out
+    for variant in ("normuon", "muonmax", "normuon + momo", "muonmax + momo"):
+        assert any(line.split("  ")[1:2] == [variant] or line.strip().startswith(variant + " ")
+                   for line in out.splitlines()), variant
     assert "like for like" in out and "x torch.optim.Muon" in out
     assert "where NorMuon's" in out
     assert "communication per step at world 2" in out and "sent / min" in out

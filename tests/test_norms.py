@@ -1,4 +1,4 @@
-"""NORM variants (SPEC 6) and DIAGNOSTICS=1 (SPEC 8): formulas, gradients, the derf_ema scale, ranks, runs."""
+"""NORM variants and DIAGNOSTICS=1: formulas, gradients, the derf_ema scale, ranks, runs."""
 
 import importlib.util
 import json
