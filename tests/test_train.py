@@ -158,13 +158,15 @@ def test_recompile_detector_counts_new_graphs():
 
 
 @pytest.mark.cuda
-def test_training_step_has_no_host_sync_on_cuda(run_env):
-    """A whole step (packed chunks to the GPU, forward, backward, NorMuon and DistAdam) runs under CUDA's sync
-    debug mode set to error: any operation that waits for the device raises. The first step is outside (lazy
-    state and compile)."""
+@pytest.mark.parametrize("variant", [dict(ADAM_STEP_EVERY="2"), dict(OPTIMIZER="muonmax", MOMO="1")],
+                         ids=["normuon", "muonmax-momo"])
+def test_training_step_has_no_host_sync_on_cuda(run_env, variant):
+    """A whole step (packed chunks to the GPU, forward, backward, the optimizers, Momo's all-reduced model) runs
+    under CUDA's sync debug mode set to error: any operation that waits for the device raises. The first steps are
+    outside (lazy state and compile)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    hp, launch = T.parse_env({**run_env, "ADAM_STEP_EVERY": "2", "COMPILE": "0", "FP8": "0"}, cuda_available=True)
+    hp, launch = T.parse_env({**run_env, **variant, "COMPILE": "0", "FP8": "0"}, cuda_available=True)
     device = torch.device("cuda", 0)
     state = T.setup(T.resolve_auto(hp, device), launch, device)
     T.train_step(state, 0)
