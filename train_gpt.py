@@ -467,6 +467,9 @@ def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
     """Fills the `auto` (None) fields from the hardware: FP8 on sm90+, compile on CUDA."""
     on_cuda = device.type == "cuda"
     fp8 = hp.fp8 if hp.fp8 is not None else (on_cuda and torch.cuda.get_device_capability(device) >= (9, 0))
+    if fp8 and (hp.vocab_size % 16 or hp.model_dim % 16):
+        raise ConfigError(f"FP8 head with VOCAB_SIZE={hp.vocab_size}, MODEL_DIM={hp.model_dim}: torch._scaled_mm "
+                          f"needs both to be multiples of 16; round them up or set FP8=0")
     if fp8 and not on_cuda:
         raise ConfigError("FP8=1: the FP8 lm_head needs a CUDA GPU (sm90+); set FP8=0 on this machine")
     compile_model = hp.compile if hp.compile is not None else on_cuda
@@ -681,7 +684,7 @@ class _FP8Linear(torch.autograd.Function):
         ctx.save_for_backward(x_f8, w_f8)
         ctx.scales = (x_scale, w_scale, grad_scale)
         ctx.w_dtype = w.dtype
-        one = lambda s: torch.tensor(s, dtype=torch.float32, device=x.device)
+        one = lambda s: torch.full((), s, dtype=torch.float32, device=x.device)  # no host-to-device copy
         return torch._scaled_mm(x_f8, w_f8.T, scale_a=one(x_scale), scale_b=one(w_scale), out_dtype=torch.bfloat16,
                                 use_fast_accum=True)
 
@@ -689,7 +692,7 @@ class _FP8Linear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x_f8, w_f8 = ctx.saved_tensors
         x_scale, w_scale, grad_scale = ctx.scales
-        one = lambda s: torch.tensor(s, dtype=torch.float32, device=grad.device)
+        one = lambda s: torch.full((), s, dtype=torch.float32, device=grad.device)  # no host-to-device copy
         g_f8 = fp8_quantize(grad, grad_scale, torch.float8_e5m2)
         grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=one(grad_scale), scale_b=one(w_scale),
                                   out_dtype=torch.bfloat16, use_fast_accum=False)
@@ -1250,12 +1253,14 @@ class MuonMax(NorMuon):
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(grads[0])
         buffers = torch.stack([state["momentum_buffer"] for state in states])
-        buffers.lerp_(grads, 1 - group["momentum"])  # an EMA of the gradients, no Nesterov
+        # an EMA of the per-token-mean gradients (no Nesterov): scaled before averaging, so that a batch-size
+        # change (a new grad_scale) does not mix gradients of two scales in the buffer
+        buffers.lerp_(grads / self.grad_scale, 1 - group["momentum"])
         torch._foreach_copy_([state["momentum_buffer"] for state in states], list(buffers.unbind(0)))
         momentum = buffers.view(k * blocks, rows // blocks, cols)
         polar = self.orthogonalize(momentum).float()
         shape_scale = max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
-        self._dual_sum += shape_scale * (momentum.float() * polar).sum() / self.grad_scale
+        self._dual_sum += shape_scale * (momentum.float() * polar).sum()
         return torch.stack(params) - shape_scale * polar.view(k, rows, cols).to(grads.dtype)
 
 
@@ -1299,7 +1304,9 @@ class Momo:
         for i, opt, updates in prepared:
             for update in updates:
                 grad = update.grad.float() / opt.grad_scale
-                direction = self.directions.setdefault((i, update.key), torch.zeros_like(grad))
+                if (i, update.key) not in self.directions:
+                    self.directions[(i, update.key)] = torch.zeros_like(grad)
+                direction = self.directions[(i, update.key)]
                 direction.lerp_(grad, 1 - self.beta)
                 value = update.value.float()
                 terms += [(grad * value).sum(), (direction * value).sum(), (direction * update.delta.float()).sum()]
@@ -1722,7 +1729,8 @@ class GPT(nn.Module):
         scalars = torch.cat([torch.tensor([1.1, 0.0]).repeat(n), torch.tensor([0.5, 1.0]).repeat(n),
                              torch.tensor([-1.5, 0.0, 0.5])])
         self.scalars = nn.Parameter(scalars)
-        rotary_len = max_seq_len or max_sequence_tokens(hp, world_size=1)
+        # rounded up to whole FlexAttention tiles: forward pads a sequence to them on CUDA
+        rotary_len = -(-(max_seq_len or max_sequence_tokens(hp, world_size=1)) // FLEX_BLOCK) * FLEX_BLOCK
         self.rotary = Rotary(hp.head_dim, rotary_len, hp.long_windows[0], hp.window_block_tokens)
         self.windows = (hp.long_windows[0] // 2, hp.long_windows[0])
 
@@ -1770,14 +1778,14 @@ class GPT(nn.Module):
         document, after every real token, so no real token sees them) whose targets are ignored.
         """
         hp, plan = self.hp, self.plan
-        if idx.size(0) > self.rotary.cos.size(0):
-            raise ValueError(f"a sequence of {idx.size(0)} tokens is longer than the rotary table "
-                             f"({self.rotary.cos.size(0)} rows): build GPT with max_seq_len >= the longest sequence")
         use_flex = idx.is_cuda
         if use_flex and idx.size(0) % FLEX_BLOCK:
             pad = FLEX_BLOCK - idx.size(0) % FLEX_BLOCK
             idx = F.pad(idx, (0, pad), value=BOS_ID)
             targets = F.pad(targets, (0, pad), value=-100)  # cross_entropy's ignore_index
+        if idx.size(0) > self.rotary.cos.size(0):
+            raise ValueError(f"a sequence of {idx.size(0)} tokens is longer than the rotary table "
+                             f"({self.rotary.cos.size(0)} rows): build GPT with max_seq_len >= the longest sequence")
         scalars = {name: self.scalars[s] for name, s in self.scalar_slices.items()}
         x = self.embed(idx)[None]  # (1, T, model_dim)
         gate = torch.sigmoid(F.linear(x[:, 1:, :hp.gate_input_dim], self.smear_gate.type_as(x)))

@@ -245,3 +245,10 @@ def test_evaluation_head_on_slices_equals_the_whole_sequence(monkeypatch, reduct
         monkeypatch.setattr(T, "EVAL_HEAD_TOKENS", 24)
         sliced = model.eval()(tokens[:-1], targets, reduction=reduction)
     torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_rotary_table_covers_sequences_padded_to_flex_tiles():
+    """On CUDA a sequence is padded to whole 128-token FlexAttention tiles, so the rotary table has that many rows
+    even when no sequence of the run is that long (the test preset's are 64 and 128 tokens)."""
+    model = T.GPT(hp(val_batch_tokens=128))
+    assert model.rotary.cos.size(0) % T.FLEX_BLOCK == 0 and model.rotary.cos.size(0) >= 64

@@ -207,3 +207,27 @@ def test_momo_run_of_each_optimizer_loss_falls(run_env, tmp_path, optimizer):
     scales = [float(line.split("momo_scale:")[1].split()[0]) for line in log["trains"]]
     assert len(scales) == 4 and all(0 <= s <= 1 for s in scales)
     assert log["config"]["momo"] is True
+
+
+def test_muonmax_momentum_is_an_average_of_per_token_mean_gradients():
+    """A batch-size change doubles grad_scale and the summed-loss gradient with it: the step must not see it (the
+    momentum averages gradient / grad_scale, not raw gradients)."""
+    gen = torch.Generator().manual_seed(6)
+    start, g1, g2 = (torch.randn(24, 16, generator=gen) for _ in range(3))
+    results = []
+    for scales in ((1.0, 1.0), (1.0, 2.0)):
+        p = torch.nn.Parameter(start.clone())
+        opt = muonmax([dict(params=[p])], momentum=0.5)
+        for grad, scale in zip((g1, g2), scales):
+            opt.set_schedule(1.0, 0.5, grad_scale=scale)
+            p.grad = grad * scale
+            opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_head_needs_multiples_of_16():
+    """torch._scaled_mm needs both head dims to be multiples of 16: refused at setup, not in the first step."""
+    hp = T.parse_env({"PRESET": "test", "VOCAB_SIZE": "50257", "FP8": "1"}, cuda_available=False)[0]
+    with pytest.raises(T.ConfigError, match="VOCAB_SIZE=50257, MODEL_DIM=32: torch._scaled_mm needs both"):
+        T.resolve_auto(hp, torch.device("cpu"))
