@@ -259,8 +259,7 @@ def _check_field(f: dataclasses.Field, value: object) -> None:
 
 # Flags planned for this trainer that this version does not build yet: set, they are refused (a silently ignored RESUME would train
 # from scratch). A name leaves the list by becoming a Hyperparameters field (planned_flags() subtracts the fields).
-PLANNED_FLAGS = ("SAVE_CHECKPOINT", "RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_DIR", "CHECKPOINT_KEEP", "MOMO",
-                 "MOMO_LB")
+PLANNED_FLAGS = ("SAVE_CHECKPOINT", "RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_DIR", "CHECKPOINT_KEEP")
 # Flags of earlier versions, refused with what replaced them.
 RENAMED_FLAGS = {
     "SEQ_LEN": ("MAX_SEQ_LEN", "which only cuts documents in a packed training chunk; a chunk is BATCH_SCHEDULE / "
@@ -1089,19 +1088,29 @@ class NorMuon(LoopOptimizer):
         the next piece's reduce-scatter may still be in flight."""
         step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
         for index in range(len(self.comm_groups)):
-            update = self._prepare_piece(index, step_scalars)
-            if update is not None:
-                update.commit(update.value + update.delta)
+            piece = self._update_piece(index, step_scalars)
+            if piece is not None:
+                local, _, new = piece
+                self._commit_piece(index, local, new)
         self._commit_all()
 
     @torch.no_grad()
     def prepare(self) -> list[LocalUpdate]:
         step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
-        pieces = (self._prepare_piece(index, step_scalars) for index in range(len(self.comm_groups)))
-        return [piece for piece in pieces if piece is not None]
+        updates = []
+        for index in range(len(self.comm_groups)):
+            piece = self._update_piece(index, step_scalars)
+            if piece is None:
+                continue
+            local, grads, new = piece
+            value = torch.stack(local) if local else new
+            updates.append(LocalUpdate(index, value, grads, new - value,
+                                       functools.partial(self._commit_piece, index, local)))
+        return updates
 
-    def _prepare_piece(self, index: int, step_scalars: dict) -> LocalUpdate | None:
-        """This rank's matrices of communication piece `index`, their gradient and update (None: nothing here)."""
+    def _update_piece(self, index: int, step_scalars: dict) -> tuple[list[Tensor], Tensor, Tensor] | None:
+        """This rank's matrices of communication piece `index`, their rank-averaged gradients (k, rows, cols) and
+        new values (k, rows, cols); k = 0 on a padded tail, None when there is nothing to do at all."""
         params = self.comm_groups[index]
         if self.world == 1:
             local = [p for p in params if p.grad is not None]
@@ -1113,11 +1122,8 @@ class NorMuon(LoopOptimizer):
             local = params[self.rank * grads.size(0):(self.rank + 1) * grads.size(0)]  # fewer on a padded tail
             grads = grads[:len(local)]
         if not local:  # a padded tail: this rank still takes part in the all-gather, with nothing of its own
-            empty = grads[:0]
-            return LocalUpdate(index, empty, empty, empty, functools.partial(self._commit_piece, index, local))
-        value = torch.stack(local)
-        new = self._update_local(local, grads, step_scalars)
-        return LocalUpdate(index, value, grads, new - value, functools.partial(self._commit_piece, index, local))
+            return local, grads[:0], grads[:0]
+        return local, grads, self._update_local(local, grads, step_scalars)
 
     def _commit_piece(self, index: int, local: list[Tensor], new: Tensor) -> None:
         if self.world == 1:
@@ -1225,9 +1231,7 @@ class MuonMax(NorMuon):
                          ortho=ortho, cautious=False, compile=compile)
         self.dual_norm: Tensor | None = None  # the last step's sum of dual norms (device scalar), for diagnostics
 
-    @torch.no_grad()
-    def step(self) -> None:
-        self.apply(self.prepare(), None)
+    step = LoopOptimizer.step  # not NorMuon's pipelined one: every update waits for the global dual-norm sum
 
     @torch.no_grad()
     def prepare(self) -> list[LocalUpdate]:
