@@ -74,11 +74,12 @@ _increasing_fractions = (lambda v: all(0 < x < 1 for x in v) and all(a < b for a
 class Hyperparameters:
     """The only config. Every field is overridable by the env var of its upper-case name (NUM_ITERATIONS=50).
 
-    Defaults below are the `speedrun` preset (record #48); PRESETS holds what the `cpu` and `test` presets change.
+    Defaults below are the `speedrun` preset (record #48); PRESETS holds what the `cpu`, `ablation` and `test`
+    presets change.
     Fields typed `bool | None` are "auto" when None: resolved from the hardware in resolve_auto().
     """
 
-    preset: str = _hp("speedrun", "defaults to start from", choices=("speedrun", "cpu", "test"))
+    preset: str = _hp("speedrun", "defaults to start from", choices=("speedrun", "cpu", "ablation", "test"))
     train_files: str = _hp("data/fineweb10B/fineweb_train_*.bin", "glob of training shards")
     val_files: str = _hp("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards")
     log_dir: str = _hp("logs", "folder for the run's log file")
@@ -173,6 +174,8 @@ class Hyperparameters:
     norm_alpha: float = _hp(0.5, "initial alpha of DyT/Derf", check=_positive)
     norm_ema: float = _hp(0.9, "lambda of the Derf EMA-blend scale", check=_fraction)
     diagnostics: bool = _hp(False, "per-layer diagnostics at each validation")
+    diag_every: int = _hp(0, "DIAGNOSTICS=1: also collect them every this many steps (0: only at validations)",
+                          check=_non_negative)
 
     @property
     def scheduled_iterations(self) -> int:
@@ -199,6 +202,12 @@ PRESETS: dict[str, dict[str, object]] = {
         momentum_warmup_steps=4, momentum_cooldown_steps=2,
     ),
 }
+# The cpu preset made fit for seeded comparisons (records/2026-11-26_norm_optimizer_ablation/): 100 steps, and a
+# validation of 64K tokens (~11 documents instead of ~3) run only at the start and the end, because on CPU the
+# (2048, 50304) logits of one validation sequence cost about half a training step; with DIAGNOSTICS=1 the diag
+# lines come every 10 steps instead.
+PRESETS["ablation"] = {**PRESETS["cpu"], "num_iterations": 100, "val_every": 0, "val_tokens": 65536,
+                       "diag_every": 10}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -477,7 +486,7 @@ def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
 
 def help_text() -> str:
     """One line per flag with its speedrun default, for `python train_gpt.py --help`."""
-    lines = ["Env flags (speedrun defaults; PRESET=cpu|test change some, see PRESETS):"]
+    lines = ["Env flags (speedrun defaults; PRESET=cpu|ablation|test change some, see PRESETS):"]
     for f in dataclasses.fields(Hyperparameters):
         default = "auto" if f.default is None else f.default
         if isinstance(default, tuple):
@@ -2130,7 +2139,8 @@ def norm_input_stats(norm: nn.Module, x: Tensor) -> dict[str, Tensor]:
 
 
 class Diagnostics:
-    """DIAGNOSTICS=1 (rank 0 only): per-layer figures for a `diag: {json}` line at each validation.
+    """DIAGNOSTICS=1 (rank 0 only): per-layer figures for a `diag: {json}` line at each validation and every
+    DIAG_EVERY steps.
 
     Activations come from forward hooks on every norm site during one eager, eval-mode forward of the start of
     the first validation sequence (the same tokens each time). Matrices (qkvo_w as its q, k, v, o row blocks, c_fc,
@@ -2160,7 +2170,7 @@ class Diagnostics:
     @torch.no_grad()
     def before_step(self, step: int) -> None:
         """Snapshots the matrices before the optimizer step that precedes a validation (no copy otherwise)."""
-        if validates_at(step + 1, self.hp):
+        if diagnoses_at(step + 1, self.hp):
             self.snapshot = {key: w.detach().clone() for key, w in self.matrices().items()}
 
     @torch.no_grad()
@@ -2285,6 +2295,12 @@ class TrainState:
 def validates_at(step: int, hp: Hyperparameters) -> bool:
     """Whether the loop validates before training step `step`: at 0, every val_every steps and at the end."""
     return step in (0, hp.num_iterations) or bool(hp.val_every and step % hp.val_every == 0)
+
+
+def diagnoses_at(step: int, hp: Hyperparameters) -> bool:
+    """Whether DIAGNOSTICS=1 writes a diag line before training step `step`: at each validation and every
+    diag_every steps."""
+    return validates_at(step, hp) or bool(hp.diag_every and step % hp.diag_every == 0)
 
 
 def train_step(state: TrainState, step: int) -> Tensor:
@@ -2422,22 +2438,27 @@ def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int
             state.model.set_final_windows(hp.final_window)
         else:
             state.model.set_training_window(schedule_phase(step, hp)[1])  # as #48: a validation sees this step's
-        if validates_at(step, hp):
+        validating = validates_at(step, hp)
+        diagnosing = state.diagnostics is not None and diagnoses_at(step, hp)
+        if validating or diagnosing:  # neither counts as train time
             synchronize(device)
             train_ms += 1000 * (time.perf_counter() - t0)
+        if validating:
             val_loss = evaluate(state)
             log.line(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
                      f"step_avg:{train_ms / max(step, 1):.2f}ms")
-            if state.diagnostics is not None:
-                diag_tokens = state.geometry.chunk_tokens(hp.batch_schedule[0])
-                record = state.diagnostics.collect(step, state.val_sequences[0][:diag_tokens + 1])
-                log.line("diag: " + json.dumps(record), console=False)
+        if diagnosing:
+            diag_tokens = state.geometry.chunk_tokens(hp.batch_schedule[0])
+            record = state.diagnostics.collect(step, state.val_sequences[0][:diag_tokens + 1])
+            log.line("diag: " + json.dumps(record), console=False)
+        if validating:
             if hp.compile and compiled_graphs() > graphs_after_warmup:
                 log.line(f"warning: {compiled_graphs() - graphs_after_warmup} graph(s) compiled after warmup "
                          f"(step {step}): a shape or window that warmup did not cover; the timing includes it")
                 graphs_after_warmup = compiled_graphs()
             if not math.isfinite(val_loss):
                 return stop_nonfinite(log, step, "val_loss", last_finite)
+        if validating or diagnosing:
             synchronize(device)
             t0 = time.perf_counter()
         if last:

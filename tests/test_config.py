@@ -56,7 +56,7 @@ def test_typed_overrides():
     ("OPTIMIZER", "sgd", "OPTIMIZER=sgd: expected one of"),
     ("NORM_EMA", "1.0", "NORM_EMA=1.0: expected a number in [0, 1)"),
     ("ADAM_LR", "nan", "ADAM_LR=nan: expected a finite number"),
-    ("PRESET", "fast", "PRESET=fast: expected one of speedrun, cpu, test"),
+    ("PRESET", "fast", "PRESET=fast: expected one of speedrun, cpu, ablation, test"),
 ])
 def test_bad_values_name_variable_value_and_allowed(var, value, words):
     with pytest.raises(T.ConfigError) as error:
