@@ -19,8 +19,10 @@ and a step line must match the whole step-line pattern from its first character,
 "step:" is never read as data.
 A log that did not finish, diverged, or holds a NaN/inf loss is named on stderr with the reason and left out.
 Runs whose `config:` lines differ in anything but PER_RUN_KEYS (seed, run_tag, log_dir, git_commit) are not pooled
-into one test: each --compare set, the record set, and the --by table apart from its keys must be one
-configuration, or validate.py names the differing keys and exits 2 (--pool pools them anyway, with a warning).
+into one test: each --compare set and the record set must be one configuration, or validate.py names the
+differing keys and exits 2 (--pool pools them anyway, with a warning). --by splits its cells by every other key
+that differs (e.g. `--by NORM,OPTIMIZER` over runs of NORM_ALPHA 0.5 and 0.3 gives cells per NORM_ALPHA value too,
+and contrasts only between cells of one NORM_ALPHA), so a --by cell is always one configuration.
 
 Exit codes: 0 the test passed (default mode: p < alpha, a record; --compare: the final losses differ at
 p < alpha; --by: the table was computed), 1 it did not, 2 unusable input (bad arguments, an unreadable or missing
@@ -54,7 +56,7 @@ SEPARATOR = "=" * 100
 # `config:` keys that vary from run to run of one configuration: the seed (what a set of runs varies), the tag and
 # log folder (names), the commit (runs may straddle a commit that changed no behaviour). Every other key, device,
 # world size and torch version included, is configuration: it changes the loss or the time, so runs that differ
-# in one are not pooled into one test unless --by groups them or --pool is given.
+# in one are not pooled into one test (--by gives them cells of their own) unless --pool is given.
 PER_RUN_KEYS = ("seed", "run_tag", "log_dir", "git_commit")
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
 STEP_LINE = re.compile(
@@ -282,19 +284,24 @@ def config_value(run: Run, key: str) -> str | None:
     return None
 
 
-def group_by(runs: Sequence[Run], keys: Sequence[str]) -> tuple[dict[tuple[str, ...], list[Run]], list[Run]]:
-    """Cells of runs keyed by their config values (sorted), and the runs that lack one of the keys."""
+def group_by(runs: Sequence[Run], keys: Sequence[str],
+             split_keys: Sequence[str] = ()) -> tuple[dict[tuple[str, ...], list[Run]], list[Run]]:
+    """Cells of runs keyed by their config values of `keys` and then `split_keys` (sorted), and the runs that lack
+    one of `keys`. A run without a split key gets the value "(absent)" there (it differs from the runs that have
+    one, which is why the key splits the cells)."""
     cells: dict[tuple[str, ...], list[Run]] = {}
     missing: list[Run] = []
     for run in runs:
         values = tuple(config_value(run, key) for key in keys)
-        if None in values:
+        if None not in values:
+            values += tuple(config_value(run, key) or "(absent)" for key in split_keys)
+        else:
             absent = [key for key, value in zip(keys, values) if value is None]
             run.problem = f"config has no {', '.join(absent)} (a public speedrun log has no config line)"
             print(f"validate.py: warning: excluded {run.path} from --by: {run.problem}", file=sys.stderr)
             missing.append(run)
-        else:
-            cells.setdefault(values, []).append(run)
+            continue
+        cells.setdefault(values, []).append(run)
     return dict(sorted(cells.items())), missing
 
 
@@ -491,15 +498,24 @@ def compare_report(path_a: str, path_b: str, alpha: float,
 
 def by_report(inputs: Sequence[str], keys: Sequence[str], alpha: float,
               pool: bool = False) -> tuple[dict[str, Any], dict[str, list[Run]]]:
-    """--by: runs grouped by config values, per-cell mean/std/n, and the 2x2 interaction contrasts. Apart from
-    the --by keys (and PER_RUN_KEYS) the runs must share one configuration, or a contrast mixes in other changes."""
+    """--by: runs grouped by config values, per-cell mean/std/n, and the 2x2 interaction contrasts. A config key
+    that differs between the runs but is not among the --by keys (PER_RUN_KEYS apart) splits the cells too, as an
+    extra key after them: runs that differ in anything are never pooled into one cell (with `pool`, they are, and
+    the differing keys are named). Contrasts compare cells of equal extra-key values only."""
     runs, excluded = load_runs(inputs)
     if not runs:
         raise InputError(f"no usable run in {' '.join(inputs)}; see the warnings above for why each log was left out")
-    cells, missing = group_by(runs, keys)
+    with_keys = [run for run in runs if None not in (config_value(run, key) for key in keys)]
+    split_keys = [] if pool else sorted(config_differences(with_keys, keys))
+    if split_keys:
+        print(f"validate.py: note: --by {','.join(keys).upper()}: cells also split by {', '.join(split_keys).upper()}"
+              " (differing between the runs); contrasts compare cells with equal values of those only",
+              file=sys.stderr)
+    cells, missing = group_by(runs, keys, split_keys)
     if not cells:
         raise InputError(f"no usable run has config keys {', '.join(keys)}; --by needs this project's logs "
                          "(with a `config:` line) and keys among their hyperparameter names")
+    keys = list(keys) + split_keys
     pooled = require_one_config([run for cell in cells.values() for run in cell], "--by " + ",".join(keys), pool,
                                 by=keys)
     labels = {values: ", ".join(f"{k}={v}" for k, v in zip(keys, values)) for values in cells}

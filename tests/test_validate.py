@@ -448,13 +448,35 @@ def test_compare_checks_each_set_but_not_across_sets(tmp_path: Path, capsys: pyt
     assert "max_seq_len" in mixed.stderr
 
 
-def test_by_refuses_a_difference_outside_its_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    for norm in ("derf", "rmsnorm"):
-        write_runs(tmp_path, [3.30, 3.31], [100.0, 101.0], config={"norm": norm}, prefix=norm)
-    assert run_main(capsys, "--by", "NORM", str(tmp_path)).returncode == validate.EXIT_PASS
-    write_project_log(tmp_path / "other.txt", 3.32, 100.0, config={"norm": "derf", "num_iterations": 100})
-    result = run_main(capsys, "--by", "NORM", str(tmp_path))
-    assert result.returncode == validate.EXIT_UNUSABLE and "--by NORM,NUM_ITERATIONS" in result.stderr
+def test_by_splits_cells_by_a_difference_outside_its_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # the study's layout: a 2x2 at NORM_ALPHA 0.5 and one more cell, derf/muon at NORM_ALPHA 0.3
+    cells = {("derf", "adamw", 0.5): [3.40, 3.43, 3.41], ("derf", "muon", 0.5): [3.30, 3.33, 3.31],
+             ("rmsnorm", "adamw", 0.5): [3.35, 3.33, 3.36], ("rmsnorm", "muon", 0.5): [3.27, 3.30, 3.28],
+             ("derf", "muon", 0.3): [3.10, 3.12, 3.11]}
+    for (norm, optimizer, alpha), losses in cells.items():
+        write_runs(tmp_path, losses, [100.0] * len(losses),
+                   config={"norm": norm, "optimizer": optimizer, "norm_alpha": alpha},
+                   prefix=f"{norm}{optimizer}{alpha}")
+    result = run_main(capsys, "--by", "NORM,OPTIMIZER", "--json", str(tmp_path))
+    assert result.returncode == validate.EXIT_PASS and "cells also split by NORM_ALPHA" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["keys"] == ["norm", "optimizer", "norm_alpha"] and report["pooled_over"] == []
+    groups = {tuple(g["levels"]): g["loss"] for g in report["groups"]}
+    assert set(groups) == {(n, o, str(a)) for n, o, a in cells}  # five cells: 0.3 is not pooled into 0.5
+    for (norm, optimizer, alpha), losses in cells.items():
+        assert groups[norm, optimizer, str(alpha)]["mean"] == pytest.approx(statistics.mean(losses), rel=1e-12)
+    contrasts = {entry["label"]: entry for entry in report["interactions"]}
+    (full,) = [e for e in contrasts.values() if "skipped" not in e]  # only NORM_ALPHA=0.5 holds a whole 2x2
+    assert full["stratum"] == {"norm_alpha": "0.5"}
+    assert full["contrast"] == pytest.approx((statistics.mean(cells["derf", "muon", 0.5])
+                                              - statistics.mean(cells["rmsnorm", "muon", 0.5]))
+                                             - (statistics.mean(cells["derf", "adamw", 0.5])
+                                                - statistics.mean(cells["rmsnorm", "adamw", 0.5])), rel=1e-9)
+    text = run_main(capsys, "--by", "NORM,OPTIMIZER", str(tmp_path)).stdout
+    assert "norm_alpha" in text and "[norm_alpha=0.5]" in text
+    pooled = run_main(capsys, "--by", "NORM,OPTIMIZER", "--pool", "--json", str(tmp_path))
+    assert json.loads(pooled.stdout)["pooled_over"] == ["norm_alpha"] and "--pool" in pooled.stderr
+    assert len(json.loads(pooled.stdout)["groups"]) == 4
 
 
 def test_public_logs_without_config_still_pool(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
