@@ -23,18 +23,23 @@ import concurrent.futures
 import copy
 import dataclasses
 import datetime
+import enum
 import functools
 import glob
+import importlib
 import json
 import math
 import os
+import pickle
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import typing
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -176,6 +181,19 @@ class Hyperparameters:
     diagnostics: bool = _hp(False, "per-layer diagnostics at each validation")
     diag_every: int = _hp(0, "DIAGNOSTICS=1: also collect them every this many steps (0: only at validations)",
                           check=_non_negative)
+    # checkpoints and faults
+    save_checkpoint: bool = _hp(False, "save a checkpoint (torch.distributed.checkpoint, every rank its own shard) "
+                                "every CHECKPOINT_EVERY steps, at the end, and when SIGINT/SIGTERM stops the run")
+    checkpoint_every: int = _hp(0, "steps between checkpoints (0: only at the end and on a stop); a multiple of "
+                                "ADAM_STEP_EVERY", check=_non_negative)
+    checkpoint_dir: str = _hp("", "folder of this run's checkpoints, one step_NNNNNN subfolder each (default: "
+                              "LOG_DIR/<log file name>/; resumed: the folder of the checkpoint it resumes)")
+    checkpoint_keep: int = _hp(0, "keep only the newest this many checkpoints in CHECKPOINT_DIR (0: keep all)",
+                               check=_non_negative)
+    resume: str = _hp("", "continue the run saved in this checkpoint: a step_NNNNNN folder, or a checkpoint folder "
+                      "(its newest complete step)")
+    dist_timeout: float = _hp(300.0, "seconds a collective waits for the other ranks before the job ends with an "
+                              "error (a rank that died or hangs)", check=_positive)
 
     @property
     def scheduled_iterations(self) -> int:
@@ -268,7 +286,7 @@ def _check_field(f: dataclasses.Field, value: object) -> None:
 
 # Flags planned for this trainer that this version does not build yet: set, they are refused (a silently ignored RESUME would train
 # from scratch). A name leaves the list by becoming a Hyperparameters field (planned_flags() subtracts the fields).
-PLANNED_FLAGS = ("SAVE_CHECKPOINT", "RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_DIR", "CHECKPOINT_KEEP")
+PLANNED_FLAGS: tuple[str, ...] = ()  # flags documented before they are built: refused with "planned" until then
 # Flags of earlier versions, refused with what replaced them.
 RENAMED_FLAGS = {
     "SEQ_LEN": ("MAX_SEQ_LEN", "which only cuts documents in a packed training chunk; a chunk is BATCH_SCHEDULE / "
@@ -414,6 +432,11 @@ def check_consistency(hp: Hyperparameters, world_size: int) -> None:
     if hp.momo and hp.adam_step_every != 1:
         problems.append(f"MOMO=1 with ADAM_STEP_EVERY={hp.adam_step_every}: Momo's model takes one gradient per "
                         f"step for every parameter; set ADAM_STEP_EVERY=1")
+    if hp.save_checkpoint and hp.checkpoint_every % hp.adam_step_every:
+        every = -(-hp.checkpoint_every // hp.adam_step_every) * hp.adam_step_every
+        problems.append(f"CHECKPOINT_EVERY={hp.checkpoint_every}: expected a multiple of ADAM_STEP_EVERY="
+                        f"{hp.adam_step_every} (a checkpoint in between would lose Adam's accumulated gradients), "
+                        f"e.g. CHECKPOINT_EVERY={every}")
     if world_size < hp.batch_chunks and hp.batch_chunks % world_size:
         problems.append(f"world size {world_size} does not divide BATCH_CHUNKS={hp.batch_chunks}: launch a world "
                         f"size that divides it (gradient accumulation), or one that is a multiple of it")
@@ -513,15 +536,19 @@ def pick_device(launch: Launch) -> torch.device:
     return torch.device("cuda", launch.local_rank)
 
 
-def init_distributed(launch: Launch) -> torch.device:
-    """Picks the device and, for world size > 1, joins the process group (NCCL on CUDA, gloo on CPU)."""
+def init_distributed(launch: Launch, timeout_s: float = 300.0) -> torch.device:
+    """Picks the device (LOCAL_RANK's GPU: the GPU index on this node, whatever the node) and, for world size > 1,
+    joins the process group (NCCL on CUDA, gloo on CPU). timeout_s bounds every collective: when a rank dies or
+    hangs, the others raise after that long instead of waiting forever (NCCL's watchdog, gloo's transport), and
+    torchrun then ends the job."""
     device = pick_device(launch)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if launch.world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, **kwargs)
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return device
 
 
@@ -1305,7 +1332,7 @@ class Momo:
         self.steps = 0
         self.loss_avg: Tensor | float = 0.0
         self.gamma: Tensor | float = 0.0
-        self.directions: dict[tuple[int, object], Tensor] = {}
+        self.directions: dict[str, Tensor] = {}  # "<optimizer index>/<update key>" -> this rank's EMA of d
         self.last_scale: Tensor | None = None
 
     @torch.no_grad()
@@ -1317,9 +1344,10 @@ class Momo:
         for i, opt, updates in prepared:
             for update in updates:
                 grad = update.grad.float() / opt.grad_scale
-                if (i, update.key) not in self.directions:
-                    self.directions[(i, update.key)] = torch.zeros_like(grad)
-                direction = self.directions[(i, update.key)]
+                key = f"{i}/{update.key}"  # a string: checkpoints store the directions under it
+                if key not in self.directions:
+                    self.directions[key] = torch.zeros_like(grad)
+                direction = self.directions[key]
                 direction.lerp_(grad, 1 - self.beta)
                 value = update.value.float()
                 terms += [(grad * value).sum(), (direction * value).sum(), (direction * update.delta.float()).sum()]
@@ -1966,6 +1994,15 @@ class PackedLoader:
         self.document = 0  # index into self.bos of the next chunk's first document
         self._prefetch()
 
+    def restore(self, shard: int, document: int) -> None:
+        """Continues from a checkpoint's position: the next chunk starts at document `document` of shard `shard`."""
+        if shard != self.shard:
+            self._next.cancel()
+            self.shard = shard
+            self.tokens, self.bos = read_shard_with_documents(self.files[shard], self.vocab_size)
+            self._prefetch()
+        self.document = document
+
     def _prefetch(self) -> None:
         following = self.files[(self.shard + 1) % len(self.files)]
         self._next = self._reader.submit(read_shard_with_documents, following, self.vocab_size)
@@ -2050,21 +2087,34 @@ def check_log_dir(log_dir: str) -> None:
         raise ConfigError(f"LOG_DIR={log_dir}: cannot write in {existing}; point LOG_DIR at a folder you can write")
 
 
+def run_name(hp: Hyperparameters) -> str:
+    """<UTC timestamp>_<tag>_<run id>: the log file's name without .txt."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}_{hp.run_tag or hp.preset}_{uuid.uuid4().hex[:8]}"
+
+
+def agreed_run_name(hp: Hyperparameters) -> str:
+    """Rank 0's run_name on every rank."""
+    names = [run_name(hp) if rank() == 0 else ""]
+    if world_size() > 1:
+        dist.broadcast_object_list(names, src=0)
+    return names[0]
+
+
 class RunLog:
     """Rank 0's log file logs/<UTC timestamp>_<tag>_<run id>.txt, flushed each line; other ranks write nothing.
 
     Opens with this file's source and a line of '=' (the speedrun convention), then `config: {json}`.
     """
 
-    def __init__(self, hp: Hyperparameters, launch: Launch, device: torch.device):
+    def __init__(self, hp: Hyperparameters, launch: Launch, device: torch.device, name: str | None = None):
         self.enabled = launch.rank == 0
         self.file = None
+        self.name = name or run_name(hp)  # every rank knows it (the default checkpoint folder is named after it)
         if not self.enabled:
             return
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        tag = hp.run_tag or hp.preset
         Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(hp.log_dir) / f"{stamp}_{tag}_{uuid.uuid4().hex[:8]}.txt"
+        self.path = Path(hp.log_dir) / f"{self.name}.txt"
         self.file = open(self.path, "x")
         self.file.write(Path(__file__).read_text() + "\n" + "=" * 100 + "\n")
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
@@ -2290,6 +2340,12 @@ class TrainState:
     device: torch.device
     momo: Momo | None = None
     diagnostics: Diagnostics | None = None
+    checkpointer: Checkpointer | None = None
+    # where the loop starts: 0, or a resumed checkpoint's step, train time and tokens seen
+    start_step: int = 0
+    start_train_ms: float = 0.0
+    start_tokens: int = 0
+    current_step: int = 0  # the loop's step, for the `stopped:` line of a run that ends on an exception
 
 
 def validates_at(step: int, hp: Hyperparameters) -> bool:
@@ -2427,12 +2483,22 @@ def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int
     state.diagnostics = Diagnostics(state.model, hp) if hp.diagnostics and rank() == 0 else None
     steps = hp.num_iterations
     graphs_after_warmup = compiled_graphs()
-    train_ms, tokens_seen, last_finite, val_loss = 0.0, 0, float("nan"), float("nan")
+    train_ms, tokens_seen, last_finite, val_loss = state.start_train_ms, state.start_tokens, float("nan"), float("nan")
+    checkpointer = state.checkpointer
     synchronize(device)
     t0 = time.perf_counter()
-    for step in range(steps + 1):
+    for step in range(state.start_step, steps + 1):
+        state.current_step = step
         if stop is not None and stop.agreed(step, hp.train_log_every):
+            if checkpointer is not None and checkpointer.can_save_at(step):  # a stop keeps the work done so far
+                synchronize(device)
+                checkpointer.save(state, step, train_ms + 1000 * (time.perf_counter() - t0), tokens_seen, log)
             return stop.end_run(log, step, last_finite)
+        if checkpointer is not None and checkpointer.due(step):  # saving is not train time
+            synchronize(device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            checkpointer.save(state, step, train_ms, tokens_seen, log)
+            t0 = time.perf_counter()
         last = step == steps
         if last:
             state.model.set_final_windows(hp.final_window)
@@ -2496,6 +2562,246 @@ def stop_nonfinite(log: RunLog, step: int, which: str, last_finite: float) -> in
     log.line("stopped: " + json.dumps({"reason": f"non-finite {which}", "step": step,
                                        "last_finite_loss": last_finite if math.isfinite(last_finite) else None}))
     return 1
+
+
+# ---- checkpoints ----
+
+CHECKPOINT_META = "meta.json"  # written last, by rank 0: a step folder without it is an unfinished checkpoint
+# Hyperparameters a resumed run may set differently: where things go and how often they are logged or saved. Any
+# other difference (shapes, schedule, optimizer, data order, seed) would make the continuation another run.
+RESUMABLE_KEYS = ("log_dir", "run_tag", "train_files", "val_files", "train_log_every", "diagnostics", "diag_every",
+                  "warmup", "save_checkpoint", "checkpoint_every", "checkpoint_dir", "checkpoint_keep", "resume",
+                  "dist_timeout")
+
+
+def _rank_prefix(r: int) -> str:
+    return f"rank{r}/"
+
+
+def checkpoint_state(state: TrainState, step: int, train_ms: float, tokens: int) -> dict[str, Tensor]:
+    """Everything the run needs to go on at `step`, as a flat {key: tensor} (no pickled objects). Keys without a
+    rank{r}/ prefix hold the same value on every rank (torch.distributed.checkpoint writes them once); keys with
+    it are this rank's own: its Adam row shards, its NorMuon matrices' buffers, its Momo directions, its RNG."""
+    model, own = state.model, _rank_prefix(rank())
+    out: dict[str, Tensor] = {f"model/{k}": v.detach() for k, v in model.state_dict().items()}
+    rotary = model.rotary  # YaRN-rescaled at each window change: saved as it is rather than replayed
+    out.update({"rotary/freqs": rotary.freqs, "rotary/scale_factor": rotary.scale_factor,
+                "rotary/window": torch.tensor(rotary.window), "schedule/windows": torch.tensor(model.windows),
+                "schedule/batch_tokens": torch.tensor(schedule_phase(max(step - 1, 0), state.hp)[0]),
+                "progress/step": torch.tensor(step), "progress/tokens": torch.tensor(tokens),
+                "progress/train_ms": torch.tensor(train_ms, dtype=torch.float64),
+                "loader/shard": torch.tensor(state.loader.shard), "loader/document": torch.tensor(state.loader.document),
+                own + "rng/cpu": torch.get_rng_state()})
+    if state.device.type == "cuda":
+        out[own + "rng/cuda"] = torch.cuda.get_rng_state(state.device)
+    names = {p: name for name, p in model.named_parameters()}
+    for i, optimizer in enumerate(state.optimizers):
+        for p, param_state in optimizer.state.items():
+            for key, value in param_state.items():
+                out[f"{own}optim{i}/{names[p]}/{key}"] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
+    if state.momo is not None:
+        momo = state.momo
+        out[own + "momo/steps"] = torch.tensor(momo.steps)
+        out[own + "momo/loss_avg"] = torch.as_tensor(momo.loss_avg, dtype=torch.float32)
+        out[own + "momo/gamma"] = torch.as_tensor(momo.gamma, dtype=torch.float32)
+        out.update({f"{own}momo/direction/{key}": value for key, value in momo.directions.items()})
+    return out
+
+
+def checkpoint_meta(state: TrainState, step: int, log: RunLog, hp_dict: dict) -> dict:
+    """The JSON side of a checkpoint: what the resume checks before it loads any tensor."""
+    return {"step": step, "world_size": world_size(), "config": hp_dict, "log": log.name,
+            "train_shards": [Path(f).name for f in state.loader.files], "torch_version": torch.__version__,
+            "written_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def hp_as_dict(hp: Hyperparameters) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
+
+
+def checkpoint_steps(folder: Path) -> list[Path]:
+    """The complete step folders of a checkpoint folder, oldest first."""
+    found = [path for path in folder.glob("step_*") if (path / CHECKPOINT_META).is_file()]
+    return sorted(found, key=lambda path: path.name)
+
+
+class Checkpointer:
+    """SAVE_CHECKPOINT=1: one step_NNNNNN folder per checkpoint in `folder`, written by every rank at once with
+    torch.distributed.checkpoint (each rank its own file, nothing gathered), then meta.json by rank 0."""
+
+    def __init__(self, hp: Hyperparameters, folder: Path, start_step: int):
+        self.hp, self.folder, self.last_saved = hp, folder, start_step
+
+    def due(self, step: int) -> bool:
+        if step <= self.last_saved:
+            return False
+        return step == self.hp.num_iterations or bool(self.hp.checkpoint_every and step % self.hp.checkpoint_every == 0)
+
+    def can_save_at(self, step: int) -> bool:
+        """Only between whole optimizer cycles: with ADAM_STEP_EVERY=2 an odd step holds Adam gradients that were
+        accumulated but not applied, which a checkpoint does not keep."""
+        return step > self.last_saved and (step % self.hp.adam_step_every == 0 or step == self.hp.num_iterations)
+
+    def save(self, state: TrainState, step: int, train_ms: float, tokens: int, log: RunLog) -> None:
+        from torch.distributed import checkpoint as dcp
+        t0 = time.perf_counter()
+        path = self.folder / f"step_{step:06d}"
+        if rank() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        if world_size() > 1:
+            dist.barrier()  # the folder exists before any rank writes into it
+        with warnings.catch_warnings():  # at world size 1 it warns that it saves without a process group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(checkpoint_state(state, step, train_ms, tokens), storage_writer=dcp.FileSystemWriter(path),
+                     no_dist=world_size() == 1)
+        if rank() == 0:
+            temporary = path / (CHECKPOINT_META + ".tmp")
+            temporary.write_text(json.dumps(checkpoint_meta(state, step, log, hp_as_dict(self.hp)), indent=1))
+            temporary.replace(path / CHECKPOINT_META)  # atomic: a reader never sees half of it
+            removed = self.prune()
+            size = sum(f.stat().st_size for f in path.iterdir())
+            log.line("checkpoint: " + json.dumps({"step": step, "path": str(path), "bytes": size,
+                                                  "save_s": round(time.perf_counter() - t0, 3),
+                                                  "pruned": [p.name for p in removed]}))
+        self.last_saved = step
+
+    def prune(self) -> list[Path]:
+        """Deletes all but the newest CHECKPOINT_KEEP complete checkpoints (0 keeps all)."""
+        if not self.hp.checkpoint_keep:
+            return []
+        old = checkpoint_steps(self.folder)[:-self.hp.checkpoint_keep]
+        for path in old:
+            shutil.rmtree(path)
+        return old
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint stores its `.metadata` file with pickle, and pickle.load runs whatever a file
+    names. This unpickler resolves only the classes such a file is made of (the checkpoint metadata dataclasses,
+    torch dtypes and sizes, paths) and refuses any other name, so a crafted file cannot run code."""
+
+    SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str) -> object:
+        if module in self.SAFE_MODULES:
+            found = getattr(sys.modules.get(module), name, None)
+            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+                return found
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        elif (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")):
+            return getattr(importlib.import_module(module), name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def read_checkpoint_metadata(path: Path):
+    """The torch.distributed.checkpoint Metadata of `path`, read with _MetadataUnpickler."""
+    import torch.distributed.checkpoint.filesystem  # noqa: F401 (its classes must be importable by name)
+    with open(path / ".metadata", "rb") as f:
+        return _MetadataUnpickler(f).load()
+
+
+def safe_reader(path: Path):
+    """A FileSystemReader whose metadata goes through _MetadataUnpickler (its tensors are read by torch.load with
+    weights_only=True already)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+            metadata = read_checkpoint_metadata(Path(self.path))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = getattr(self, "load_id", None)
+            return metadata
+    return SafeReader(path)
+
+
+def find_checkpoint(resume: str) -> Path:
+    """RESUME's step folder: the folder itself when it is a complete checkpoint, else its newest complete one."""
+    path = Path(resume)
+    if (path / CHECKPOINT_META).is_file():
+        return path
+    if path.is_dir() and checkpoint_steps(path):
+        return checkpoint_steps(path)[-1]
+    if path.is_dir() and any(path.glob("step_*")):
+        raise ConfigError(f"RESUME={resume}: no complete checkpoint there (a step_* folder without {CHECKPOINT_META} "
+                          f"was cut off while saving); point RESUME at a complete step folder")
+    raise ConfigError(f"RESUME={resume}: not a checkpoint (no {CHECKPOINT_META}) nor a folder of step_* checkpoints; "
+                      f"point it at a folder that SAVE_CHECKPOINT=1 wrote")
+
+
+def check_resume(path: Path, meta: dict, hp: Hyperparameters, train_files: list[str]) -> None:
+    """ConfigError unless this run can continue the checkpoint: same world size, same configuration apart from
+    RESUMABLE_KEYS, same training shards."""
+    where = f"RESUME={hp.resume}"
+    if meta["world_size"] != world_size():
+        raise ConfigError(f"{where}: written by {meta['world_size']} rank(s), this run has {world_size()}; the "
+                          f"optimizer state is sharded by rank, so resume with the same world size "
+                          f"(torchrun --nproc_per_node={meta['world_size']}, or plain python for 1)")
+    ours = hp_as_dict(hp)
+    differing = sorted(k for k in set(ours) | set(meta["config"]) if k not in RESUMABLE_KEYS
+                       and ours.get(k, "(absent)") != meta["config"].get(k, "(absent)"))
+    if differing:
+        described = ", ".join(f"{env_name(k)}={meta['config'].get(k, '(absent)')} in the checkpoint, "
+                              f"{ours.get(k, '(absent)')} now" for k in differing)
+        raise ConfigError(f"{where}: the checkpoint's run differs in {described}; resume with the same settings "
+                          f"(only {', '.join(env_name(k) for k in RESUMABLE_KEYS)} may change)")
+    names = [Path(f).name for f in train_files]
+    if names != meta["train_shards"]:
+        raise ConfigError(f"{where}: the checkpoint was trained on the shards {meta['train_shards'][:3]}... "
+                          f"({len(meta['train_shards'])}), TRAIN_FILES now gives {names[:3]}... ({len(names)}); "
+                          "point TRAIN_FILES at the same shards")
+
+
+def load_checkpoint(state: TrainState, path: Path) -> tuple[int, float, int]:
+    """Loads `path` into the model, optimizers, schedule, loader, Momo and RNG; returns (step, train_ms, tokens).
+    Each rank reads the shared keys and its own rank{r}/ keys, into tensors made from the saved shapes."""
+    from torch.distributed import checkpoint as dcp
+    metadata = read_checkpoint_metadata(path)
+    own = _rank_prefix(rank())
+    target = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if key.startswith("rank") and not key.startswith(own):
+            continue
+        if not hasattr(item, "size"):
+            raise ConfigError(f"RESUME={path}: {key} is not a tensor; this file was not written by train_gpt.py")
+        target[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, storage_reader=safe_reader(path), no_dist=world_size() == 1)
+    model, device = state.model, state.device
+    prefix = "model/"
+    model.load_state_dict({k[len(prefix):]: v for k, v in target.items() if k.startswith(prefix)}, strict=True)
+    rotary = model.rotary
+    rotary.freqs.copy_(target["rotary/freqs"])
+    rotary.scale_factor.copy_(target["rotary/scale_factor"])
+    rotary.window = int(target["rotary/window"])
+    rotary._fill_tables()
+    model.windows = tuple(int(w) for w in target["schedule/windows"])
+    state.loader.restore(int(target["loader/shard"]), int(target["loader/document"]))
+    torch.set_rng_state(target[own + "rng/cpu"])
+    if device.type == "cuda" and own + "rng/cuda" in target:
+        torch.cuda.set_rng_state(target[own + "rng/cuda"], device)
+    params = dict(model.named_parameters())
+    for i, optimizer in enumerate(state.optimizers):
+        prefix = f"{own}optim{i}/"
+        for key, value in target.items():
+            if key.startswith(prefix):
+                name, _, field_name = key[len(prefix):].rpartition("/")
+                p = params[name]
+                optimizer.state[p][field_name] = (int(value) if value.dim() == 0 and not value.is_floating_point()
+                                                  else value.to(device))
+    if state.momo is not None:
+        momo = state.momo
+        momo.steps = int(target.get(own + "momo/steps", torch.tensor(0)))
+        if momo.steps:
+            momo.loss_avg = target[own + "momo/loss_avg"].to(device)
+            momo.gamma = target[own + "momo/gamma"].to(device)
+        prefix = own + "momo/direction/"
+        momo.directions = {k[len(prefix):]: v.to(device) for k, v in target.items() if k.startswith(prefix)}
+    return int(target["progress/step"]), float(target["progress/train_ms"]), int(target["progress/tokens"])
 
 
 # ---- main ----
@@ -2610,22 +2916,46 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # before CUDA starts: #48's allocator setting (fewer fragmentation stalls as the batch grows)
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-        device = init_distributed(launch)
+        device = init_distributed(launch, hp.dist_timeout)
         stop.install(device)
         hp = resolve_auto(hp, device)
+        resume_from = find_checkpoint(hp.resume) if hp.resume else None
         state = setup(hp, launch, device)
+        if resume_from is not None:
+            resume_meta = json.loads((resume_from / CHECKPOINT_META).read_text())
+            check_resume(resume_from, resume_meta, hp, state.loader.files)
     except (ConfigError, ShardError) as error:
         print(f"error: {error}", file=sys.stderr)
         stop.restore()
         close_distributed()
         return 2
-    log = RunLog(hp, launch, device)
+    log = RunLog(hp, launch, device, agreed_run_name(hp))
     try:
         if hp.warmup:
             warmup(state)
+        if resume_from is not None:  # after warmup, which puts the initial state back when it is done
+            t0 = time.perf_counter()
+            try:
+                state.start_step, state.start_train_ms, state.start_tokens = load_checkpoint(state, resume_from)
+            except (ConfigError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+                print(f"error: RESUME={hp.resume}: cannot load {resume_from}: {error}", file=sys.stderr)
+                log.stopped(f"resume failed: {error}", 0, float("nan"))
+                return 2
+            log.line("resumed: " + json.dumps({"from_log": resume_meta["log"], "checkpoint": str(resume_from),
+                                               "step": state.start_step, "load_s": round(time.perf_counter() - t0, 3)}))
+        if hp.save_checkpoint:
+            folder = (Path(hp.checkpoint_dir) if hp.checkpoint_dir else resume_from.parent if resume_from is not None
+                      else Path(hp.log_dir) / log.name)
+            state.checkpointer = Checkpointer(hp, folder, state.start_step)
         return train(state, log, stop)
     except ShardError as error:  # a train shard read in the background during warmup
         return stop_on_data_error(log, 0, error, float("nan"))
+    except Exception as error:
+        # e.g. a collective that failed because another rank died or hung past DIST_TIMEOUT: the log says why it
+        # ended; the traceback follows on stderr, and torchrun ends the other ranks
+        log.stopped(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500],
+                    state.current_step, float("nan"))
+        raise
     finally:
         log.close()
         stop.restore()

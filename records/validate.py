@@ -18,9 +18,10 @@ val loss is the val_loss logged at step N of `step:N/N`). Only lines after the f
 and a step line must match the whole step-line pattern from its first character, so source code that mentions
 "step:" is never read as data.
 A log that did not finish, diverged, or holds a NaN/inf loss is named on stderr with the reason and left out.
-Runs whose `config:` lines differ in anything but PER_RUN_KEYS (seed, run_tag, log_dir, git_commit) are not pooled
-into one test: each --compare set and the record set must be one configuration, or validate.py names the
-differing keys and exits 2 (--pool pools them anyway, with a warning). --by splits its cells by every other key
+A log whose `resumed:` line names another log (RESUME=...) continues it: the pair counts as one run.
+Runs whose `config:` lines differ in anything but PER_RUN_KEYS (seed, run_tag, log_dir, git_commit, and the
+checkpoint and timeout flags) are not pooled into one test: each --compare set and the record set must be one
+configuration, or validate.py names the differing keys and exits 2 (--pool pools them anyway, with a warning). --by splits its cells by every other key
 that differs (e.g. `--by NORM,OPTIMIZER` over runs of NORM_ALPHA 0.5 and 0.3 gives cells per NORM_ALPHA value too,
 and contrasts only between cells of one NORM_ALPHA), so a --by cell is always one configuration.
 
@@ -54,10 +55,12 @@ DEFAULT_ALPHA = 0.01
 CONFIDENCE = 0.95
 SEPARATOR = "=" * 100
 # `config:` keys that vary from run to run of one configuration: the seed (what a set of runs varies), the tag and
-# log folder (names), the commit (runs may straddle a commit that changed no behaviour). Every other key, device,
+# log folder (names), the commit (runs may straddle a commit that changed no behaviour), and the checkpoint and
+# timeout flags (saving is outside the train time; a resumed run continues its run exactly). Every other key, device,
 # world size and torch version included, is configuration: it changes the loss or the time, so runs that differ
 # in one are not pooled into one test (--by gives them cells of their own) unless --pool is given.
-PER_RUN_KEYS = ("seed", "run_tag", "log_dir", "git_commit")
+PER_RUN_KEYS = ("seed", "run_tag", "log_dir", "git_commit", "resume", "save_checkpoint", "checkpoint_every",
+                "checkpoint_dir", "checkpoint_keep", "dist_timeout")
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
 STEP_LINE = re.compile(
     rf"^step:(?P<step>\d+)/(?P<total>\d+)"
@@ -84,6 +87,8 @@ class Run:
     train_time_ms: float | None = None
     problem: str | None = None
     notes: list[str] = field(default_factory=list)
+    resumed_from: str | None = None  # RESUME: the log name (no .txt) of the run this one continues
+    resume_step: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The run's figures for the report (times in seconds)."""
@@ -132,6 +137,9 @@ def parse_log(path: Path) -> Run:
                 final = _json_payload(line, "final: ", number)
             elif line.startswith("stopped: "):
                 stopped = _json_payload(line, "stopped: ", number)
+            elif line.startswith("resumed: "):
+                resumed = _json_payload(line, "resumed: ", number)
+                run.resumed_from, run.resume_step = str(resumed.get("from_log")), int(resumed.get("step", 0))
             elif line.startswith("diag: "):
                 try:
                     run.diagnostics.append(_json_payload(line, "diag: ", number))
@@ -210,9 +218,26 @@ def collect_log_paths(inputs: Sequence[str]) -> list[Path]:
     return list(unique.values())
 
 
+def join_resumed(runs: list[Run]) -> list[Run]:
+    """A run resumed from a checkpoint (RESUME=...) writes a new log whose `resumed:` line names the log it
+    continues; the pair (or chain) is one run: the continuation's final loss and total train time (the train
+    clock resumes from the checkpoint), with the earlier log's validations before the resume step in its curve.
+    Returns the runs without the continued logs, each named in a note on stderr."""
+    by_name = {run.path.stem: run for run in runs}
+    continued = set()
+    for run in sorted((r for r in runs if r.resumed_from in by_name), key=lambda r: r.resume_step or 0):
+        earlier = by_name[run.resumed_from]
+        continued.add(earlier.path)
+        run.val_curve = [point for point in earlier.val_curve if point[0] < run.resume_step] + run.val_curve
+        run.diagnostics = [d for d in earlier.diagnostics if d.get("step", 0) < run.resume_step] + run.diagnostics
+        print(f"validate.py: note: {earlier.path.name} continues in {run.path.name} (resumed at step "
+              f"{run.resume_step}); the pair counts as one run", file=sys.stderr)
+    return [run for run in runs if run.path not in continued]
+
+
 def load_runs(inputs: Sequence[str]) -> tuple[list[Run], list[Run]]:
     """Parse every log under `inputs`; return (usable runs, excluded runs), warning on stderr for each exclusion."""
-    runs = [parse_log(path) for path in collect_log_paths(inputs)]
+    runs = join_resumed([parse_log(path) for path in collect_log_paths(inputs)])
     for run in runs:
         for note in run.notes:
             print(f"validate.py: warning: {run.path}: {note}", file=sys.stderr)
@@ -640,8 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write val-loss curves (and diagnostics) to this file; needs matplotlib")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document")
     parser.add_argument("--pool", action="store_true",
-                        help="pool runs whose `config:` lines differ (beyond seed, run_tag, log_dir, git_commit and "
-                             "the --by keys) instead of refusing them; the differing keys are still named on stderr")
+                        help="pool runs whose `config:` lines differ (beyond seed, run_tag, log_dir, git_commit, the "
+                             "checkpoint and timeout flags, and the --by keys) instead of refusing them; the "
+                             "differing keys are still named on stderr")
     return parser
 
 

@@ -426,7 +426,8 @@ def test_per_run_keys_differ_freely(tmp_path: Path, capsys: pytest.CaptureFixtur
     result = run_main(capsys, "--json", str(tmp_path))
     assert result.returncode in (validate.EXIT_PASS, validate.EXIT_FAIL), result.stderr
     assert json.loads(result.stdout)["pooled_over"] == []
-    assert set(validate.PER_RUN_KEYS) == {"seed", "run_tag", "log_dir", "git_commit"}
+    assert set(validate.PER_RUN_KEYS) == {"seed", "run_tag", "log_dir", "git_commit", "resume", "save_checkpoint",
+                                          "checkpoint_every", "checkpoint_dir", "checkpoint_keep", "dist_timeout"}
 
 
 def test_device_torch_version_and_a_missing_key_count_as_configuration(tmp_path: Path,
