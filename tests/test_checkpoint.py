@@ -310,9 +310,11 @@ def test_same_seed_same_loss_lines_and_world2_close_to_world1(run_env, tmp_path)
     assert final(only_log(tmp_path / "seed1"))["val_loss"] != final(a)["val_loss"]  # the seed does reach the init
     run(STANDALONE_2 + ["train_gpt.py"], ckpt_env(run_env, tmp_path, "w2", **settings))
     w2 = only_log(tmp_path / "w2")
-    # the same chunks, summed in another order: equal up to fp32 rounding carried through 6 steps (measured below)
+    # the same chunks, their gradients averaged in another order: equal up to fp32 rounding carried through 6 steps
+    # (measured: 0.0 difference at the logged 4 and the final 6 decimals; bounds of a few last-digit units)
     one = [float(l.split("loss:")[1]) for l in loss_lines(a)]
     two = [float(l.split("loss:")[1]) for l in loss_lines(w2)]
-    print("max |world2 - world1| loss:", max(abs(x - y) for x, y in zip(one, two)))
-    assert len(one) == len(two) and max(abs(x - y) for x, y in zip(one, two)) < 2e-3
-    assert abs(final(w2)["val_loss"] - final(a)["val_loss"]) < 1e-3
+    print("max |world2 - world1| logged loss:", max(abs(x - y) for x, y in zip(one, two)),
+          "final val loss:", abs(final(w2)["val_loss"] - final(a)["val_loss"]))
+    assert len(one) == len(two) and max(abs(x - y) for x, y in zip(one, two)) <= 2e-4
+    assert abs(final(w2)["val_loss"] - final(a)["val_loss"]) <= 1e-4
