@@ -122,9 +122,8 @@ def test_help_lists_every_flag():
     ({"VAL_EVRY": "5"}, "did you mean VAL_EVERY?"),
     ({"SEQ_LEN": "64"}, "SEQ_LEN=64: renamed MAX_SEQ_LEN"),
     ({"MICRO_BATCH_ROWS": "2"}, "renamed BATCH_CHUNKS"),
-    ({"SAVE_CHECKPOINT": "1"}, "SAVE_CHECKPOINT=1: SAVE_CHECKPOINT is planned but not built yet"),
-    ({"RESUME": "/nonexistent.pt"}, "RESUME=/nonexistent.pt: RESUME is planned but not built yet"),
-    ({"resume": "x.pt"}, "did you mean RESUME? (not built yet)"),
+    ({"resume": "x"}, "resume=x: flags are upper case; did you mean RESUME?"),
+    ({"CHECKPOINT_EVRY": "5"}, "CHECKPOINT_EVRY=5: not a flag; did you mean CHECKPOINT_EVERY?"),
 ])
 def test_flag_names_that_are_not_flags_stop_the_run(env, words):
     with pytest.raises(T.ConfigError) as error:
@@ -132,19 +131,34 @@ def test_flag_names_that_are_not_flags_stop_the_run(env, words):
     assert words in str(error.value)
 
 
-def test_every_planned_flag_is_refused_until_it_is_a_field():
-    fields = {f.name.upper() for f in T.dataclasses.fields(T.Hyperparameters)}
-    assert set(T.planned_flags()) == set(T.PLANNED_FLAGS) - fields
-    assert {"CHECKPOINT_EVERY", "CHECKPOINT_DIR", "CHECKPOINT_KEEP"} <= set(T.planned_flags()) | fields
-    for name in T.PLANNED_FLAGS:
-        if name in fields:  # built (MOMO, MOMO_LB): parsed as a flag like any other
-            parse({"PRESET": "test", "ADAM_STEP_EVERY": "1", name: "0"})
-        else:
-            with pytest.raises(T.ConfigError, match=f"{name}=1: {name} is planned but not built yet"):
-                parse({"PRESET": "test", name: "1"})
+def test_planned_flags_are_refused_until_they_are_fields(monkeypatch):
+    # none is planned today (the checkpoint flags were, until they were built): a made-up one tests the mechanism
+    monkeypatch.setattr(T, "PLANNED_FLAGS", ("SHARPNESS_PROBE", "NORM"))
+    assert T.planned_flags() == ("SHARPNESS_PROBE",)  # a planned name that became a field is a flag
+    with pytest.raises(T.ConfigError, match="SHARPNESS_PROBE=1: SHARPNESS_PROBE is planned but not built yet"):
+        parse({"PRESET": "test", "SHARPNESS_PROBE": "1"})
+    with pytest.raises(T.ConfigError, match=r"did you mean SHARPNESS_PROBE\? \(not built yet\)"):
+        parse({"PRESET": "test", "SHARPNESS_PROBES": "1"})
     with pytest.raises(T.ConfigError) as error:  # every problem in one line
-        parse({"PRESET": "test", "SAVE_CHECKPOINT": "1", "RESUME": "a.pt", "NROM": "derf"})
+        parse({"PRESET": "test", "SHARPNESS_PROBE": "1", "SEQ_LEN": "8", "NROM": "derf"})
     assert str(error.value).count("; ") >= 2 and "\n" not in str(error.value)
+
+
+def test_ablation_preset_is_the_cpu_preset_with_a_bigger_validation():
+    cpu, _ = parse({"PRESET": "cpu"})
+    ablation, _ = parse({"PRESET": "ablation"})
+    differ = {f.name for f in T.dataclasses.fields(cpu) if getattr(cpu, f.name) != getattr(ablation, f.name)}
+    assert differ == {"preset", "num_iterations", "val_every", "val_tokens", "diag_every"}
+    assert ablation.val_tokens == 65536 and ablation.val_every == 0 and ablation.num_iterations == 100
+
+
+def test_checkpoint_and_timeout_flags_parse():
+    hp, _ = parse({"PRESET": "test", "SAVE_CHECKPOINT": "1", "CHECKPOINT_EVERY": "4", "CHECKPOINT_DIR": "ck",
+                   "CHECKPOINT_KEEP": "2", "RESUME": "ck/step_000004", "DIST_TIMEOUT": "60"})
+    assert (hp.save_checkpoint, hp.checkpoint_every, hp.checkpoint_dir, hp.checkpoint_keep, hp.resume,
+            hp.dist_timeout) == (True, 4, "ck", 2, "ck/step_000004", 60.0)
+    with pytest.raises(T.ConfigError, match="DIST_TIMEOUT=0"):
+        parse({"PRESET": "test", "DIST_TIMEOUT": "0"})
 
 
 MACHINE_ENV = {  # what clusters, containers, CI and torchrun set: none of it may trip the flag check

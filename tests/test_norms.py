@@ -221,7 +221,7 @@ def one_thread():
 @pytest.mark.parametrize("name", VARIANTS)
 def test_short_run_loss_falls_with_diagnostics(name, run_env, one_thread):
     env = {**run_env, "OPTIMIZER": "adamw", "NORM": name, "NUM_ITERATIONS": "16", "VAL_EVERY": "8",
-           "VAL_TOKENS": "256", "DIAGNOSTICS": "1", "RUN_TAG": name}
+           "VAL_TOKENS": "256", "DIAGNOSTICS": "1", "DIAG_EVERY": "3", "RUN_TAG": name}
     hp_, launch = T.parse_env(env, False)
     device = torch.device("cpu")
     state = T.setup(T.resolve_auto(hp_, device), launch, device)
@@ -234,7 +234,8 @@ def test_short_run_loss_falls_with_diagnostics(name, run_env, one_thread):
     vals = [float(line.split("val_loss:")[1].split()[0]) for line in lines if " val_loss:" in line]
     assert len(vals) == 3 and vals[-1] < vals[0] - 0.3
     diags = [json.loads(line.removeprefix("diag: ")) for line in lines if line.startswith("diag: ")]
-    assert [d["step"] for d in diags] == [0, 8, 16]
+    assert [d["step"] for d in diags] == [0, 3, 6, 8, 9, 12, 15, 16]  # validations and every DIAG_EVERY steps
+    assert all("mlp_fc_update_rms" in d["layers"][0] for d in diags[1:])  # each one's previous step snapshotted
     layers = diags[-1]["layers"]
     assert [layer["block"] for layer in layers] == [f"blocks.{i}" for i in range(1, hp_.num_layers)]
     assert all(math.isfinite(v) for layer in layers for v in layer.values() if not isinstance(v, str))
@@ -245,7 +246,7 @@ def test_short_run_loss_falls_with_diagnostics(name, run_env, one_thread):
     assert ("mlp_norm_sat99" in layers[0]) == bounded and ("final_norm_arg_p99" in diags[-1]) == bounded
     assert ("final_norm_sigma_hat" in diags[-1]) == (name == "derf_ema")
     series = load_validate().diagnostic_series(diags)
-    assert len(series["layers.mlp_norm_rms (mean)"]) == 3 and "final_norm_rms" in series
+    assert len(series["layers.mlp_norm_rms (mean)"]) == 8 and "final_norm_rms" in series
 
 
 @pytest.mark.cuda
