@@ -6,15 +6,20 @@ Launch recipes (every hyperparameter is an env var of its upper-case field name,
     python train_gpt.py                                       # CPU: the `cpu` preset on the embedded corpus
     python train_gpt.py                                       # 1 GPU: the `speedrun` preset, 8x grad accumulation
     torchrun --standalone --nproc_per_node=8 train_gpt.py     # 8 GPUs: the speedrun (record #48 config)
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_gpt.py  # 2 nodes
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=RUN \
+        train_gpt.py                                          # 2 nodes: the same command on each
     NORM=derf OPTIMIZER=adamw torchrun --standalone --nproc_per_node=8 train_gpt.py   # an ablation
+    SAVE_CHECKPOINT=1 CHECKPOINT_EVERY=250 python train_gpt.py   # checkpoints in logs/<log name>/step_NNNNNN/
+    RESUME=logs/<log name>/ python train_gpt.py               # continue from its newest checkpoint
     PRESET=test NUM_ITERATIONS=20 python train_gpt.py         # the tiny shapes the tests use
 
-Every run writes logs/<UTC timestamp>_<tag>_<run id>.txt (rank 0 only): this source, a `config:` json line, the
-speedrun step lines, peak memory and a `final:` json line. `python records/validate.py logs/` tests a set of runs.
+Every run writes logs/<UTC timestamp>_<tag>_<run id>.txt (rank 0 only): this source, a `config:` json line (a
+resumed run: then a `resumed:` line naming the log it continues), the speedrun step lines (`checkpoint:` lines
+where one was saved), peak memory and a `final:` json line, or a `stopped:` line saying why it ended early.
+`python records/validate.py logs/` tests a set of runs.
 
 Sections, in order: hyperparameters, distributed, kernels, optimizers, norms, model, data, logging, training loop,
-main. Importing this file runs nothing: no CUDA, no network, no file writes.
+checkpoints, main. Importing this file runs nothing: no CUDA, no network, no file writes.
 """
 
 from __future__ import annotations

@@ -489,3 +489,32 @@ def test_public_logs_without_config_still_pool(tmp_path: Path, capsys: pytest.Ca
     mixed = run_main(capsys, str(tmp_path))
     assert mixed.returncode in (validate.EXIT_PASS, validate.EXIT_FAIL)
     assert "4 log(s) without a `config:` line" in mixed.stderr
+
+
+# ---- a resumed run (RESUME=...) and the log it continues count as one run ----
+
+def test_a_resumed_log_and_the_log_it_continues_are_one_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    interrupted = write_project_log(tmp_path / "a_first.txt", 3.30, 0.0, finished=False)
+    first_val = "step:0/2160 val_loss:10.8258 train_time:0ms step_avg:0.00ms"
+    text = interrupted.read_text().replace(first_val, first_val + "\nstep:270/2160 val_loss:4.5000 "
+                                           "train_time:16200ms step_avg:60.00ms")
+    interrupted.write_text(text + 'stopped: {"reason": "interrupted by SIGTERM", "step": 1080}\n')
+    continuation = write_project_log(tmp_path / "b_second.txt", 3.2770, 131.0,
+                                     config={"resume": "logs/a_first/step_001080"})
+    lines = continuation.read_text().splitlines()
+    config_at = next(i for i, line in enumerate(lines) if line.startswith("config: "))
+    lines.insert(config_at + 1, 'resumed: {"from_log": "a_first", "checkpoint": "x", "step": 1080}')
+    lines = [line for line in lines if not line.startswith("step:0/")]  # a continuation starts at its step
+    continuation.write_text("\n".join(lines) + "\n")
+    write_runs(tmp_path, [3.2761, 3.2790], [130.0, 131.0])
+    result = run_main(capsys, "--json", str(tmp_path))
+    report = json.loads(result.stdout)
+    names = [Path(r["path"]).name for r in report["groups"][0]["runs"]]
+    assert "b_second.txt" in names and "a_first.txt" not in names and len(names) == 3
+    assert report["excluded"] == []  # the interrupted half is not a failed run: its continuation counts
+    assert "a_first.txt continues in b_second.txt (resumed at step 1080); the pair counts as one run" in result.stderr
+    assert report["groups"][0]["loss"]["mean"] == pytest.approx(statistics.mean([3.2770, 3.2761, 3.2790]))
+    runs, _ = validate.load_runs([str(tmp_path)])
+    joined = next(r for r in runs if r.path.name == "b_second.txt")
+    assert joined.val_curve[:2] == [(0, 10.8258), (270, 4.5)]  # the earlier log's validations, then its own
+    assert joined.train_time_ms == 131000.0
