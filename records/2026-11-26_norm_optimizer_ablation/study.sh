@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The normalization x optimizer ablation: (rmsnorm, derf, dyt) x (adamw, muon), plus Derf's two remedies under
 # Muon (NORM_ALPHA=0.3 and the EMA-blend scale NORM=derf_ema), 3 seeds each, on the `ablation` preset with
-# DIAGNOSTICS=1. Logs go to ./logs/; then validate.py --by NORM,OPTIMIZER writes validate_by.txt and plot.py draws
-# the figures. A run whose log is complete is not run again, so the script resumes after an interruption.
+# DIAGNOSTICS=1. Logs go to ./logs/; then validate.py --by NORM,OPTIMIZER writes validate_by.txt, and analyze.py
+# writes table.txt and the figures. A run whose log is complete is not run again, so the script resumes after an
+# interruption.
 #   ./study.sh                          # the study as committed (JOBS=2 runs at a time, one thread each)
-#   PRESET=cpu SEEDS="0 1 2 3" ./study.sh   # another preset or more seeds (on a GPU: a bigger preset)
+#   PRESET=cpu SEEDS="0 1 2 3" ./study.sh   # another preset or more seeds (on a GPU: a bigger preset, and
+#                                           # TRAIN_FILES/VAL_FILES for FineWeb; default: the embedded corpus)
 #   JOBS=1 THREADS=2 ./study.sh         # one run at a time on two threads
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -53,4 +55,4 @@ status=$?
 set -e
 [ $status -le 1 ] || { echo "validate.py failed (exit $status)" >&2; exit $status; }
 cat validate_by.txt
-"$PY" plot.py logs .
+"$PY" analyze.py logs .
