@@ -2236,6 +2236,20 @@ class Diagnostics:
                            for key, w in self.matrices().items()}
         self.snapshot = None
 
+    def state(self) -> dict[str, Tensor]:
+        """What the next diag line depends on besides the model: for checkpoints."""
+        out = {f"vector/{key}": v for key, v in self.vectors.items()}
+        out.update({f"update_rms/{key}": v for key, v in self.update_rms.items()})
+        out["generator"] = self.generator.get_state()
+        return out
+
+    def load_state(self, saved: dict[str, Tensor]) -> None:
+        device = next(self.model.parameters()).device
+        self.vectors = {k.removeprefix("vector/"): v.to(device) for k, v in saved.items() if k.startswith("vector/")}
+        self.update_rms = {k.removeprefix("update_rms/"): v for k, v in saved.items() if k.startswith("update_rms/")}
+        if "generator" in saved:
+            self.generator.set_state(saved["generator"])
+
     def _spectral(self, key: str, w: Tensor) -> float:
         v = self.vectors.get(key)
         if v is None:
@@ -2485,7 +2499,8 @@ def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int
     the loss is read (the only host sync of a step) and the line carries `train_loss:`. Returns the exit code
     (1 when the loss stops being finite, 2 on a bad train shard, 128 + signal when `stop` was signalled)."""
     hp, device = state.hp, state.device
-    state.diagnostics = Diagnostics(state.model, hp) if hp.diagnostics and rank() == 0 else None
+    if state.diagnostics is None and hp.diagnostics and rank() == 0:  # a resumed run has its saved one
+        state.diagnostics = Diagnostics(state.model, hp)
     steps = hp.num_iterations
     graphs_after_warmup = compiled_graphs()
     train_ms, tokens_seen, last_finite, val_loss = state.start_train_ms, state.start_tokens, float("nan"), float("nan")
@@ -2498,6 +2513,10 @@ def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int
             if checkpointer is not None and checkpointer.can_save_at(step):  # a stop keeps the work done so far
                 synchronize(device)
                 checkpointer.save(state, step, train_ms + 1000 * (time.perf_counter() - t0), tokens_seen, log)
+            elif checkpointer is not None and step > checkpointer.last_saved:
+                log.line(f"checkpoint: none at step {step} (Adam holds gradients of an unfinished ADAM_STEP_EVERY="
+                         f"{hp.adam_step_every} cycle); " + (f"the newest is step {checkpointer.last_saved}"
+                                                             if checkpointer.last_saved else "none was saved"))
             return stop.end_run(log, step, last_finite)
         if checkpointer is not None and checkpointer.due(step):  # saving is not train time
             synchronize(device)
@@ -2579,6 +2598,13 @@ RESUMABLE_KEYS = ("log_dir", "run_tag", "train_files", "val_files", "train_log_e
                   "dist_timeout")
 
 
+def checkpoint_exception() -> type:
+    """torch.distributed.checkpoint's error type: it wraps every rank's failures and derives from BaseException,
+    so `except Exception` does not catch it."""
+    from torch.distributed.checkpoint import CheckpointException
+    return CheckpointException
+
+
 def _rank_prefix(r: int) -> str:
     return f"rank{r}/"
 
@@ -2604,6 +2630,8 @@ def checkpoint_state(state: TrainState, step: int, train_ms: float, tokens: int)
         for p, param_state in optimizer.state.items():
             for key, value in param_state.items():
                 out[f"{own}optim{i}/{names[p]}/{key}"] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
+    if state.diagnostics is not None:  # rank 0's power-iteration vectors and last update RMS, for equal diag lines
+        out.update({f"{own}diag/{key}": value for key, value in state.diagnostics.state().items()})
     if state.momo is not None:
         momo = state.momo
         out[own + "momo/steps"] = torch.tensor(momo.steps)
@@ -2652,7 +2680,9 @@ class Checkpointer:
         t0 = time.perf_counter()
         path = self.folder / f"step_{step:06d}"
         if rank() == 0:
-            path.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # e.g. from a run that went on past this step: never mix its files with these
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
         if world_size() > 1:
             dist.barrier()  # the folder exists before any rank writes into it
         with warnings.catch_warnings():  # at world size 1 it warns that it saves without a process group
@@ -2663,18 +2693,20 @@ class Checkpointer:
             temporary = path / (CHECKPOINT_META + ".tmp")
             temporary.write_text(json.dumps(checkpoint_meta(state, step, log, hp_as_dict(self.hp)), indent=1))
             temporary.replace(path / CHECKPOINT_META)  # atomic: a reader never sees half of it
-            removed = self.prune()
+            removed = self.prune(step)
             size = sum(f.stat().st_size for f in path.iterdir())
             log.line("checkpoint: " + json.dumps({"step": step, "path": str(path), "bytes": size,
                                                   "save_s": round(time.perf_counter() - t0, 3),
                                                   "pruned": [p.name for p in removed]}))
         self.last_saved = step
 
-    def prune(self) -> list[Path]:
-        """Deletes all but the newest CHECKPOINT_KEEP complete checkpoints (0 keeps all)."""
+    def prune(self, step: int) -> list[Path]:
+        """Deletes all but the newest CHECKPOINT_KEEP complete checkpoints up to `step` (0 keeps all); a later one
+        in the folder (from another run) is left alone."""
         if not self.hp.checkpoint_keep:
             return []
-        old = checkpoint_steps(self.folder)[:-self.hp.checkpoint_keep]
+        ours = [path for path in checkpoint_steps(self.folder) if int(path.name.removeprefix("step_")) <= step]
+        old = ours[:-self.hp.checkpoint_keep]
         for path in old:
             shutil.rmtree(path)
         return old
@@ -2690,7 +2722,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         if module in self.SAFE_MODULES:
             found = getattr(sys.modules.get(module), name, None)
-            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+            # defined there (not a planner class imported into it), and plain data: a dataclass or an enum
+            if (isinstance(found, type) and found.__module__ == module
+                    and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))):
                 return found
         elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
@@ -2728,6 +2762,9 @@ def find_checkpoint(resume: str) -> Path:
     path = Path(resume)
     if (path / CHECKPOINT_META).is_file():
         return path
+    if path.is_dir() and path.name.startswith("step_"):
+        raise ConfigError(f"RESUME={resume}: an incomplete checkpoint (no {CHECKPOINT_META}: it was cut off while "
+                          f"saving); point RESUME at its folder ({path.parent}) for the newest complete one")
     if path.is_dir() and checkpoint_steps(path):
         return checkpoint_steps(path)[-1]
     if path.is_dir() and any(path.glob("step_*")):
@@ -2785,6 +2822,10 @@ def load_checkpoint(state: TrainState, path: Path) -> tuple[int, float, int]:
     rotary.window = int(target["rotary/window"])
     rotary._fill_tables()
     model.windows = tuple(int(w) for w in target["schedule/windows"])
+    step = int(target["progress/step"])
+    if int(target["schedule/batch_tokens"]) != schedule_phase(max(step - 1, 0), state.hp)[0]:
+        raise ConfigError(f"RESUME={path}: its batch phase ({int(target['schedule/batch_tokens'])} tokens at step "
+                          f"{step}) is not this schedule's; the checkpoint does not belong to this configuration")
     state.loader.restore(int(target["loader/shard"]), int(target["loader/document"]))
     torch.set_rng_state(target[own + "rng/cpu"])
     if device.type == "cuda" and own + "rng/cuda" in target:
@@ -2806,7 +2847,11 @@ def load_checkpoint(state: TrainState, path: Path) -> tuple[int, float, int]:
             momo.gamma = target[own + "momo/gamma"].to(device)
         prefix = own + "momo/direction/"
         momo.directions = {k[len(prefix):]: v.to(device) for k, v in target.items() if k.startswith(prefix)}
-    return int(target["progress/step"]), float(target["progress/train_ms"]), int(target["progress/tokens"])
+    if state.diagnostics is not None or (state.hp.diagnostics and rank() == 0):
+        state.diagnostics = state.diagnostics or Diagnostics(model, state.hp)
+        state.diagnostics.load_state({k[len(own + "diag/"):]: v for k, v in target.items()
+                                      if k.startswith(own + "diag/")})
+    return step, float(target["progress/train_ms"]), int(target["progress/tokens"])
 
 
 # ---- main ----
@@ -2942,22 +2987,27 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 state.start_step, state.start_train_ms, state.start_tokens = load_checkpoint(state, resume_from)
-            except (ConfigError, OSError, RuntimeError, pickle.UnpicklingError) as error:
-                print(f"error: RESUME={hp.resume}: cannot load {resume_from}: {error}", file=sys.stderr)
-                log.stopped(f"resume failed: {error}", 0, float("nan"))
+            except (Exception, checkpoint_exception()) as error:  # a damaged file, a missing key, a crafted pickle
+                print(f"error: RESUME={hp.resume}: cannot load {resume_from}: {type(error).__name__}: "
+                      f"{str(error)[:2000]}", file=sys.stderr)
+                log.stopped(f"resume failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}",
+                            resume_meta["step"], float("nan"))
                 return 2
             log.line("resumed: " + json.dumps({"from_log": resume_meta["log"], "checkpoint": str(resume_from),
                                                "step": state.start_step, "load_s": round(time.perf_counter() - t0, 3)}))
         if hp.save_checkpoint:
-            folder = (Path(hp.checkpoint_dir) if hp.checkpoint_dir else resume_from.parent if resume_from is not None
+            # a resumed run goes on in its checkpoint's folder, unless it branches off an older checkpoint there
+            continues_series = resume_from is not None and checkpoint_steps(resume_from.parent)[-1] == resume_from
+            folder = (Path(hp.checkpoint_dir) if hp.checkpoint_dir else resume_from.parent if continues_series
                       else Path(hp.log_dir) / log.name)
             state.checkpointer = Checkpointer(hp, folder, state.start_step)
         return train(state, log, stop)
     except ShardError as error:  # a train shard read in the background during warmup
         return stop_on_data_error(log, 0, error, float("nan"))
-    except Exception as error:
-        # e.g. a collective that failed because another rank died or hung past DIST_TIMEOUT: the log says why it
-        # ended; the traceback follows on stderr, and torchrun ends the other ranks
+    except (Exception, checkpoint_exception()) as error:
+        # e.g. a collective that failed because another rank died or hung past DIST_TIMEOUT (gloo), or a checkpoint
+        # that could not be written: the log says why it ended; the traceback follows on stderr, and torchrun ends
+        # the other ranks
         log.stopped(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500],
                     state.current_step, float("nan"))
         raise

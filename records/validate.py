@@ -139,7 +139,9 @@ def parse_log(path: Path) -> Run:
                 stopped = _json_payload(line, "stopped: ", number)
             elif line.startswith("resumed: "):
                 resumed = _json_payload(line, "resumed: ", number)
-                run.resumed_from, run.resume_step = str(resumed.get("from_log")), int(resumed.get("step", 0))
+                if not isinstance(resumed.get("from_log"), str) or not isinstance(resumed.get("step"), int):
+                    raise ValueError(f"line {number}: `resumed:` needs from_log (a log name) and step (an integer)")
+                run.resumed_from, run.resume_step = resumed["from_log"], resumed["step"]
             elif line.startswith("diag: "):
                 try:
                     run.diagnostics.append(_json_payload(line, "diag: ", number))
@@ -222,14 +224,31 @@ def join_resumed(runs: list[Run]) -> list[Run]:
     """A run resumed from a checkpoint (RESUME=...) writes a new log whose `resumed:` line names the log it
     continues; the pair (or chain) is one run: the continuation's final loss and total train time (the train
     clock resumes from the checkpoint), with the earlier log's validations before the resume step in its curve.
-    Returns the runs without the continued logs, each named in a note on stderr."""
+    Returns the runs without the continued logs, each named in a note on stderr; InputError when one log is
+    continued by two (a branch would count its seed twice)."""
     by_name = {run.path.stem: run for run in runs}
+    continuations: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.resumed_from is not None:
+            continuations.setdefault(run.resumed_from, []).append(run)
+    branched = {name: found for name, found in continuations.items() if len(found) > 1}
+    if branched:
+        name, found = next(iter(branched.items()))
+        raise InputError(f"{name} is continued by {len(found)} logs ({', '.join(r.path.name for r in found)}): "
+                         "runs resumed twice from one run would count its seed twice; keep one continuation")
     continued = set()
-    for run in sorted((r for r in runs if r.resumed_from in by_name), key=lambda r: r.resume_step or 0):
-        earlier = by_name[run.resumed_from]
+    for run in sorted((r for r in runs if r.resumed_from is not None), key=lambda r: r.resume_step):
+        earlier = by_name.get(run.resumed_from)
+        if earlier is None:
+            print(f"validate.py: note: {run.path.name} continues {run.resumed_from}, which is not among the inputs: "
+                  f"counted alone (its curve starts at step {run.resume_step})", file=sys.stderr)
+            continue
         continued.add(earlier.path)
         run.val_curve = [point for point in earlier.val_curve if point[0] < run.resume_step] + run.val_curve
         run.diagnostics = [d for d in earlier.diagnostics if d.get("step", 0) < run.resume_step] + run.diagnostics
+        # the run's configuration is its first log's: a continuation may change only names, logging and
+        # checkpoint settings, which must not split it from its sibling runs
+        run.config = earlier.config or run.config
         print(f"validate.py: note: {earlier.path.name} continues in {run.path.name} (resumed at step "
               f"{run.resume_step}); the pair counts as one run", file=sys.stderr)
     return [run for run in runs if run.path not in continued]

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,8 +79,9 @@ def ckpt_env(run_env, tmp_path, name, **extra):
 
 RESUME_CASES = {
     # Adam stepping every 2nd step on accumulated gradients, a batch and window change (YaRN) before the
-    # checkpoint, the EMA-blend norm's running scales
-    "normuon_derf_ema": dict(ADAM_STEP_EVERY=2, NORM="derf_ema", BATCH_SCHEDULE="128,256", LONG_WINDOWS="1,2"),
+    # checkpoint, the EMA-blend norm's running scales; and the diag lines' power-iteration state
+    "normuon_derf_ema": dict(ADAM_STEP_EVERY=2, NORM="derf_ema", BATCH_SCHEDULE="128,256", LONG_WINDOWS="1,2",
+                             DIAGNOSTICS=1, DIAG_EVERY=2),
     # MuonMax's momentum buffers and Momo's averages and directions
     "muonmax_momo": dict(OPTIMIZER="muonmax", MOMO=1),
     "adamw": dict(OPTIMIZER="adamw"),
@@ -106,6 +108,10 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(run_env, tmp_path, case):
     assert len(loss_lines(resumed_log)) >= 5
     assert final(resumed_log)["val_loss"] == final(full_log)["val_loss"]
     assert final(resumed_log)["tokens"] == final(full_log)["tokens"]
+    if "DIAGNOSTICS" in settings:  # spectral norms (warm-started power iteration) and update RMS: equal too
+        diags = lambda log: [l for l in log.read_text().splitlines() if l.startswith("diag: ")]
+        after = [l for l in diags(full_log) if json.loads(l[6:])["step"] >= 6]
+        assert diags(resumed_log) == after and len(after) == 4
     assert_same_checkpoint(folder / "step_000010", tmp_path / "resumed_ckpt" / "step_000010")
 
 
@@ -182,10 +188,32 @@ def test_refusals_name_the_input(run_env, tmp_path):
     cut.mkdir(parents=True)
     partial = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "c", RESUME=cut.parent), ok=False)
     assert partial.returncode == 2 and "no complete checkpoint" in partial.stderr
+    partial = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "c", RESUME=cut), ok=False)
+    assert partial.returncode == 2 and "an incomplete checkpoint" in partial.stderr
+    # a damaged shard file: torch.distributed.checkpoint's error (a BaseException) still ends in a clear exit 2
+    damaged = tmp_path / "damaged" / "step_000004"
+    shutil.copytree(step4, damaged)
+    (damaged / "__0_0.distcp").write_bytes((damaged / "__0_0.distcp").read_bytes()[:5000])
+    broken = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "e", RESUME=damaged, **settings),
+                 ok=False)
+    assert broken.returncode == 2 and f"RESUME={damaged}: cannot load" in broken.stderr
+    assert only_log(tmp_path / "e").read_text().splitlines()[-1].startswith('stopped: {"reason": "resume failed')
     uneven = run([sys.executable, "train_gpt.py", "--check"],
                  ckpt_env(run_env, tmp_path, "d", SAVE_CHECKPOINT=1, CHECKPOINT_EVERY=3, ADAM_STEP_EVERY=2), ok=False)
     assert uneven.returncode == 2 and "CHECKPOINT_EVERY=3: expected a multiple of ADAM_STEP_EVERY=2" in uneven.stderr
     assert not (tmp_path / "a").exists() or not list((tmp_path / "a").glob("*.txt"))  # refused before any log
+
+
+def test_prune_keeps_the_newest_up_to_the_step_saved(tmp_path):
+    hp, _ = T.parse_env({"PRESET": "test", "SAVE_CHECKPOINT": "1", "CHECKPOINT_KEEP": "2"}, False)
+    for step in (2, 4, 6, 8):  # step 8: from a run that went further, then was resumed from step 4
+        (tmp_path / f"step_{step:06d}").mkdir()
+        (tmp_path / f"step_{step:06d}" / T.CHECKPOINT_META).write_text("{}")
+    (tmp_path / "step_000010").mkdir()  # cut off while saving: not a checkpoint
+    removed = T.Checkpointer(hp, tmp_path, 4).prune(6)
+    assert [p.name for p in removed] == ["step_000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000004", "step_000006", "step_000008", "step_000010"]
+    assert [p.name for p in T.checkpoint_steps(tmp_path)] == ["step_000004", "step_000006", "step_000008"]
 
 
 class _Payload:

@@ -518,3 +518,34 @@ def test_a_resumed_log_and_the_log_it_continues_are_one_run(tmp_path: Path, caps
     joined = next(r for r in runs if r.path.name == "b_second.txt")
     assert joined.val_curve[:2] == [(0, 10.8258), (270, 4.5)]  # the earlier log's validations, then its own
     assert joined.train_time_ms == 131000.0
+
+
+def test_resumed_logs_edge_cases(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def continuation(path: Path, loss: float, from_log: str, step: object) -> Path:
+        write_project_log(path, loss, 131.0, config={"resume": f"logs/{from_log}", "train_log_every": 7})
+        lines = path.read_text().splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith("config: ")) + 1
+        lines.insert(at, "resumed: " + json.dumps({"from_log": from_log, "checkpoint": "x", "step": step}))
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    first = write_project_log(tmp_path / "first.txt", 3.30, 0.0, finished=False)
+    continuation(tmp_path / "second.txt", 3.2770, "first", 1080)
+    write_runs(tmp_path, [3.2761, 3.2790], [130.0, 131.0])
+    # a setting a continuation may change (TRAIN_LOG_EVERY here) does not split it from its siblings: the pair
+    # takes the first log's config
+    result = run_main(capsys, "--json", str(tmp_path))
+    assert result.returncode in (0, 1) and json.loads(result.stdout)["groups"][0]["loss"]["n"] == 3
+    # a continuation whose first log is missing counts alone, with a note
+    first.unlink()
+    alone = run_main(capsys, "--json", "--pool", str(tmp_path))
+    assert "second.txt continues first, which is not among the inputs" in alone.stderr
+    # one log continued twice (two branches): refused, naming both
+    write_project_log(tmp_path / "first.txt", 3.30, 0.0, finished=False)
+    continuation(tmp_path / "third.txt", 3.2775, "first", 540)
+    branched = run_main(capsys, str(tmp_path))
+    assert branched.returncode == validate.EXIT_UNUSABLE
+    assert "first is continued by 2 logs (second.txt, third.txt)" in branched.stderr
+    (tmp_path / "third.txt").unlink()
+    continuation(tmp_path / "fourth.txt", 3.2775, "other", None)  # malformed: step null
+    malformed = run_main(capsys, str(tmp_path))
+    assert "fourth.txt" in malformed.stderr and "`resumed:` needs from_log" in malformed.stderr
