@@ -115,9 +115,11 @@ def table(cells: dict) -> list[str]:
         lines += ["", "share of Derf's Muon gap that a remedy recovers, 1 - gap(remedy) / gap(derf), from the means:"]
         for cell, (diff, low, high) in gaps.items():
             if cell[1] == "muon" and cell != ("derf", "muon", 0.5) and cell[0] != "dyt":
+                change, change_low, change_high = welch(losses[cell], losses[("derf", "muon", 0.5)])
                 lines.append(f"  {label(cell):28} {1 - diff / derf_muon[0]:6.1%}  (its gap {diff:+.4f} "
                              f"[{low:+.4f}, {high:+.4f}] against derf's {derf_muon[0]:+.4f} "
-                             f"[{derf_muon[1]:+.4f}, {derf_muon[2]:+.4f}])")
+                             f"[{derf_muon[1]:+.4f}, {derf_muon[2]:+.4f}]; it minus derf: {change:+.4f} "
+                             f"[{change_low:+.4f}, {change_high:+.4f}])")
     return lines
 
 
@@ -127,15 +129,13 @@ def figures(cells: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     colors = {cell: f"C{i}" for i, cell in enumerate(cells)}
-    # 1: train loss (seed mean, smoothed over 5 logged points) and final val loss per seed
+    # 1: train loss (seed mean of the logged points, one every TRAIN_LOG_EVERY steps) and final val loss per seed
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for cell, runs in cells.items():
         curve = seed_mean([train_curve(r) for r in runs])
-        steps = [s for s, _ in curve]
-        smooth = [statistics.mean(v for _, v in curve[max(0, i - 4):i + 1]) for i in range(len(curve))]
-        left.plot(steps, smooth, color=colors[cell], label=label(cell))
+        left.plot(*zip(*curve), "-" if cell[1] == "muon" else "--", color=colors[cell], label=label(cell))
     left.set_xlabel("step")
-    left.set_ylabel("train loss (seed mean, running mean of 5 logs)")
+    left.set_ylabel("train loss (seed mean; muon solid, adamw dashed)")
     left.set_ylim(top=8)
     left.legend(fontsize=7)
     for i, (cell, runs) in enumerate(cells.items()):

@@ -1,0 +1,23 @@
+"""The committed studies under records/ reproduce from their own logs: their tables and validate.py output are
+what their scripts print for the logs in the folder (so a hand-edited number, or a log left out, fails here)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+RECORDS = Path(__file__).resolve().parents[1] / "records"
+STUDY = RECORDS / "2026-11-26_norm_optimizer_ablation"
+
+
+def test_norm_optimizer_study_reproduces_from_its_logs(tmp_path):
+    result = subprocess.run([sys.executable, str(STUDY / "analyze.py"), str(STUDY / "logs"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "table.txt").read_text() == (STUDY / "table.txt").read_text()
+    for figure in ("loss.png", "saturation.png", "growth.png"):
+        assert (tmp_path / figure).stat().st_size > 10_000 and (STUDY / figure).is_file()
+    by = subprocess.run([sys.executable, str(RECORDS / "validate.py"), "--by", "NORM,OPTIMIZER", "logs"],
+                        capture_output=True, text=True, timeout=300, cwd=STUDY)  # as study.sh runs it
+    assert by.returncode == 0, by.stderr[-3000:]
+    assert by.stdout == (STUDY / "validate_by.txt").read_text()
+    assert "cells also split by NORM_ALPHA" in by.stderr  # alpha 0.3 is a cell of its own, never pooled
