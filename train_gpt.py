@@ -289,9 +289,10 @@ def _check_field(f: dataclasses.Field, value: object) -> None:
             raise ConfigError(f"{name}={shown}: expected {rule}")
 
 
-# Flags planned for this trainer that this version does not build yet: set, they are refused (a silently ignored RESUME would train
-# from scratch). A name leaves the list by becoming a Hyperparameters field (planned_flags() subtracts the fields).
-PLANNED_FLAGS: tuple[str, ...] = ()  # flags documented before they are built: refused with "planned" until then
+# Flags documented before this version builds them: set, they are refused (a silently ignored flag would make the run
+# something else than asked; the checkpoint flags were here until they were built). A name leaves the list by
+# becoming a Hyperparameters field (planned_flags() subtracts the fields). None today.
+PLANNED_FLAGS: tuple[str, ...] = ()
 # Flags of earlier versions, refused with what replaced them.
 RENAMED_FLAGS = {
     "SEQ_LEN": ("MAX_SEQ_LEN", "which only cuts documents in a packed training chunk; a chunk is BATCH_SCHEDULE / "
@@ -1897,7 +1898,8 @@ class ShardError(ValueError):
 
 
 def read_shard_header(path: str) -> int:
-    """Checks a shard's header and size (llm.c / speedrun format: 256 int32 header, then uint16 tokens); returns the token count."""
+    """Checks a shard's header and size (llm.c / speedrun format: 256 int32 header, then uint16 tokens); returns
+    the token count."""
     try:
         header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
         actual = os.path.getsize(path)
@@ -2092,6 +2094,11 @@ def check_log_dir(log_dir: str) -> None:
         raise ConfigError(f"LOG_DIR={log_dir}: cannot write in {existing}; point LOG_DIR at a folder you can write")
 
 
+def hp_as_dict(hp: Hyperparameters) -> dict:
+    """The hyperparameters as JSON-ready values (tuples as lists): the log's config line and a checkpoint's."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
+
+
 def run_name(hp: Hyperparameters) -> str:
     """<UTC timestamp>_<tag>_<run id>: the log file's name without .txt."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -2122,7 +2129,7 @@ class RunLog:
         self.path = Path(hp.log_dir) / f"{self.name}.txt"
         self.file = open(self.path, "x")
         self.file.write(Path(__file__).read_text() + "\n" + "=" * 100 + "\n")
-        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
+        config = hp_as_dict(hp)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         config.update(world_size=launch.world_size, device=device_name, torch_version=torch.__version__,
                       python_version=sys.version.split()[0], git_commit=git_commit())
@@ -2621,7 +2628,8 @@ def checkpoint_state(state: TrainState, step: int, train_ms: float, tokens: int)
                 "schedule/batch_tokens": torch.tensor(schedule_phase(max(step - 1, 0), state.hp)[0]),
                 "progress/step": torch.tensor(step), "progress/tokens": torch.tensor(tokens),
                 "progress/train_ms": torch.tensor(train_ms, dtype=torch.float64),
-                "loader/shard": torch.tensor(state.loader.shard), "loader/document": torch.tensor(state.loader.document),
+                "loader/shard": torch.tensor(state.loader.shard),
+                "loader/document": torch.tensor(state.loader.document),
                 own + "rng/cpu": torch.get_rng_state()})
     if state.device.type == "cuda":
         out[own + "rng/cuda"] = torch.cuda.get_rng_state(state.device)
@@ -2629,7 +2637,9 @@ def checkpoint_state(state: TrainState, step: int, train_ms: float, tokens: int)
     for i, optimizer in enumerate(state.optimizers):
         for p, param_state in optimizer.state.items():
             for key, value in param_state.items():
-                out[f"{own}optim{i}/{names[p]}/{key}"] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
+                # DistAdam's step count is an int: a 0-D tensor here, an int again on load
+                out[f"{own}optim{i}/{names[p]}/{key}"] = (value.detach() if torch.is_tensor(value)
+                                                         else torch.tensor(value))
     if state.diagnostics is not None:  # rank 0's power-iteration vectors and last update RMS, for equal diag lines
         out.update({f"{own}diag/{key}": value for key, value in state.diagnostics.state().items()})
     if state.momo is not None:
@@ -2646,10 +2656,6 @@ def checkpoint_meta(state: TrainState, step: int, log: RunLog, hp_dict: dict) ->
     return {"step": step, "world_size": world_size(), "config": hp_dict, "log": log.name,
             "train_shards": [Path(f).name for f in state.loader.files], "torch_version": torch.__version__,
             "written_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def hp_as_dict(hp: Hyperparameters) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
 
 
 def checkpoint_steps(folder: Path) -> list[Path]:

@@ -21,9 +21,10 @@ A log that did not finish, diverged, or holds a NaN/inf loss is named on stderr 
 A log whose `resumed:` line names another log (RESUME=...) continues it: the pair counts as one run.
 Runs whose `config:` lines differ in anything but PER_RUN_KEYS (seed, run_tag, log_dir, git_commit, and the
 checkpoint and timeout flags) are not pooled into one test: each --compare set and the record set must be one
-configuration, or validate.py names the differing keys and exits 2 (--pool pools them anyway, with a warning). --by splits its cells by every other key
-that differs (e.g. `--by NORM,OPTIMIZER` over runs of NORM_ALPHA 0.5 and 0.3 gives cells per NORM_ALPHA value too,
-and contrasts only between cells of one NORM_ALPHA), so a --by cell is always one configuration.
+configuration, or validate.py names the differing keys and exits 2 (--pool pools them anyway, with a warning).
+--by splits its cells by every other key that differs (e.g. `--by NORM,OPTIMIZER` over runs of NORM_ALPHA 0.5 and
+0.3 gives cells per NORM_ALPHA value too, and contrasts only between cells of one NORM_ALPHA), so a --by cell is
+always one configuration.
 
 Exit codes: 0 the test passed (default mode: p < alpha, a record; --compare: the final losses differ at
 p < alpha; --by: the table was computed), 1 it did not, 2 unusable input (bad arguments, an unreadable or missing
