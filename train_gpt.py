@@ -188,8 +188,8 @@ class Hyperparameters:
                           check=_non_negative)
     # checkpoints and faults
     save_checkpoint: bool = _hp(False, "save a checkpoint (torch.distributed.checkpoint, every rank its own shard) "
-                                "every CHECKPOINT_EVERY steps, at the end, and when SIGINT/SIGTERM stops the run (at a step "
-                                "that ends an ADAM_STEP_EVERY cycle)")
+                                "every CHECKPOINT_EVERY steps, at the end, and when SIGINT/SIGTERM stops the run "
+                                "(at a step that ends an ADAM_STEP_EVERY cycle)")
     checkpoint_every: int = _hp(0, "steps between checkpoints (0: only at the end and on a stop); a multiple of "
                                 "ADAM_STEP_EVERY", check=_non_negative)
     checkpoint_dir: str = _hp("", "folder of this run's checkpoints, one step_NNNNNN subfolder each (default: "
