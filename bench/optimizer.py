@@ -161,6 +161,17 @@ def breakdown_steps(normuon: T.NorMuon, grads: list[torch.Tensor]) -> dict[str, 
     return {name: timed(calls) for name, calls in stages.items()}
 
 
+def interleaved_samples(calls: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """`repeats` timings of each call, in rounds whose starting call rotates, so that a slow spell of a shared
+    machine falls on every call alike rather than on whichever ran at that moment."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(calls[name]())
+    return samples
+
+
 def median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
@@ -186,11 +197,7 @@ def bench_time(preset: str, repeats: int, bf16_muon: bool, compile_helpers: bool
     calls = {**steps, **stages}
     for call in stages.values():
         call()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            samples[name].append(calls[name]())
+    samples = interleaved_samples(calls, repeats)
 
     shapes = sorted({tuple(p.shape) for p in params}, reverse=True)
     numel = sum(p.numel() for p in params)
@@ -256,16 +263,12 @@ def bench_variants(preset: str, repeats: int) -> None:
         runs[f"{optimizer}{' + momo' if momo else ''}"] = step
     for step in runs.values():
         step()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            samples[name].append(runs[name]())
+    samples = interleaved_samples(runs, repeats)
     base = median_ms(samples["normuon"])
     print(f"\n== whole optimizer step (matrices + DistAdam), preset {preset}, world 1, "
           f"{torch.get_num_threads()} thread, median of {repeats} ==")
     print(f"  {'OPTIMIZER, MOMO':<20}{'ms':>10}  {'/ normuon':>10}")
-    for name in names:
+    for name in runs:
         ms = median_ms(samples[name])
         print(f"  {name:<20}{ms:>10.2f}  {ms / base:>9.3f}x")
 
