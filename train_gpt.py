@@ -2727,18 +2727,41 @@ class _MetadataUnpickler(pickle.Unpickler):
     SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 
     def find_class(self, module: str, name: str) -> object:
-        if module in self.SAFE_MODULES:
-            found = getattr(sys.modules.get(module), name, None)
-            # defined there (not a planner class imported into it), and plain data: a dataclass or an enum
-            if (isinstance(found, type) and found.__module__ == module
-                    and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))):
-                return found
-        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+        if module in self.SAFE_MODULES and self.metadata_class(module, name) is not None:
+            return self.metadata_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
-        elif (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")):
+        if (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                              ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")):
             return getattr(importlib.import_module(module), name)
+        # Some Pythons (Debian 12's 3.11.2) pickle an Enum member as getattr(EnumClass, "NAME"); protocols < 3
+        # spell the module __builtin__. Only the guarded stand-in below is handed out, never getattr itself.
+        if module in ("builtins", "__builtin__") and name == "getattr":
+            return self.enum_member
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+    @classmethod
+    def metadata_class(cls, module: str, name: str) -> type | None:
+        """The class `name` of a SAFE_MODULES module when it is defined there (not a planner class imported into
+        it) and is plain data (a dataclass or an enum); None otherwise."""
+        found = getattr(sys.modules.get(module), name, None)
+        if (isinstance(found, type) and found.__module__ == module
+                and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))):
+            return found
+        return None
+
+    @classmethod
+    def enum_member(cls, owner: object, name: object) -> enum.Enum:
+        """getattr(owner, name) when owner is one of the metadata enums find_class resolves and name one of its
+        members; anything else (a module, a function, another class, a non-member attribute) is refused before
+        any attribute is looked up."""
+        if (isinstance(owner, type) and issubclass(owner, enum.Enum) and owner.__module__ in cls.SAFE_MODULES
+                and cls.metadata_class(owner.__module__, owner.__name__) is owner
+                and isinstance(name, str) and name in owner.__members__):
+            return owner[name]
+        described = getattr(owner, "__qualname__", type(owner).__qualname__)
+        raise pickle.UnpicklingError(f"builtins.getattr({described}, {name!r}) is not part of a checkpoint's "
+                                     "metadata (only a member of its own enums is)")
 
 
 def read_checkpoint_metadata(path: Path):

@@ -4,6 +4,8 @@ Every run is a `test`-preset subprocess on synthetic shards. A resumed run is co
 bit for bit: the loss lines after the resume point, and every tensor of the two runs' final checkpoints (model,
 optimizer shards, schedule, loader, Momo, RNG)."""
 
+import enum
+import io
 import json
 import os
 import pickle
@@ -346,3 +348,92 @@ def test_same_seed_same_loss_lines_and_world2_close_to_world1(run_env, tmp_path)
           "final val loss:", abs(final(w2)["val_loss"] - final(a)["val_loss"]))
     assert len(one) == len(two) and max(abs(x - y) for x, y in zip(one, two)) <= 2e-4
     assert abs(final(w2)["val_loss"] - final(a)["val_loss"]) <= 1e-4
+
+
+# ---- the restricted unpickler's getattr rule (Enum members as Debian 12's Python 3.11.2 pickles them) ----
+
+class _EnumByGetattr(pickle.Pickler):
+    """Pickles every Enum member as getattr(EnumClass, name), the way Python 3.11.2 (Debian 12) does."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj.name)
+        return NotImplemented
+
+
+def pickled_as_311_2(obj, protocol: int = pickle.DEFAULT_PROTOCOL) -> bytes:
+    buffer = io.BytesIO()
+    _EnumByGetattr(buffer, protocol=protocol).dump(obj)
+    return buffer.getvalue()
+
+
+def unpickle_metadata(data: bytes):
+    return T._MetadataUnpickler(io.BytesIO(data)).load()
+
+
+def metadata_enum() -> type:
+    from torch.distributed.checkpoint import metadata
+    return metadata._MEM_FORMAT_ENCODING
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_enum_member_pickled_through_getattr_loads(protocol):
+    member = list(metadata_enum())[0]
+    data = pickled_as_311_2(member, protocol)
+    assert b"getattr" in data  # the 3.11.2 form, not the (EnumClass, (value,)) one other Pythons write
+    assert unpickle_metadata(data) is member
+
+
+def test_real_metadata_pickled_the_311_2_way_loads(run_env, tmp_path):
+    run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "full", NUM_ITERATIONS=2, SAVE_CHECKPOINT=1))
+    step = next((tmp_path / "full").glob("*/step_000002"))
+    with open(step / ".metadata", "rb") as f:
+        original = pickle.load(f)  # our own file, written just now
+    data = pickled_as_311_2(original)
+    assert b"getattr" in data  # TensorProperties hold a _MEM_FORMAT_ENCODING member
+    (step / ".metadata").write_bytes(data)
+    assert T.read_checkpoint_metadata(step) == original
+    assert set(read_checkpoint(step)) >= {"progress/step", "model/embed.weight", "rank0/rng/cpu"}
+
+
+def getattr_pickle(owner: bytes, name: str, then_call: str | None = None) -> bytes:
+    """Protocol-2 opcodes for getattr(<owner>, name)(then_call): owner is an opcode sequence that pushes it."""
+    body = b"\x80\x02cbuiltins\ngetattr\n" + owner + pickle.dumps(name, protocol=2)[2:-1] + b"\x86R"
+    if then_call is not None:
+        body += pickle.dumps(then_call, protocol=2)[2:-1] + b"\x85R"
+    return body + b"."
+
+
+class _Outside(enum.Enum):  # an enum, but not one of the checkpoint metadata's
+    A = 1
+
+
+@pytest.mark.parametrize("owner, name", [
+    (b"cos\nsystem\n", "__call__"),  # a function of a module outside the allowed set: find_class refuses os
+    (b"cbuiltins\neval\n", "__call__"),
+    (b"ctorch\nSize\n", "__init__"),  # an allowed class that is not an enum
+    (b"ctorch.distributed.checkpoint.metadata\nTensorProperties\n", "__init__"),  # an allowed dataclass
+    (b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n", "__class__"),  # not a member
+    (b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n", "_missing_"),
+    (b"ctests.test_checkpoint\n_Outside\n", "A"),  # an enum outside the metadata modules
+    (pickle.dumps("a string", protocol=2)[2:-1], "join"),
+])
+def test_getattr_on_anything_but_a_metadata_enum_member_is_refused(owner, name, tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(pickle.UnpicklingError, match="is not part of a checkpoint's metadata"):
+        unpickle_metadata(getattr_pickle(owner, name, then_call=f"touch {marker}"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("owner", [os, __builtins__, T, _Outside, torch.Size, "x"])
+def test_the_getattr_stand_in_refuses_other_owners_before_any_lookup(owner):
+    with pytest.raises(pickle.UnpicklingError, match=r"builtins\.getattr\(.*\) is not part of"):
+        T._MetadataUnpickler.enum_member(owner, "system")
+
+
+def test_getattr_itself_is_never_handed_out():
+    unpickler = T._MetadataUnpickler(io.BytesIO(b""))
+    for module in ("builtins", "__builtin__"):
+        assert unpickler.find_class(module, "getattr") is not getattr
+    with pytest.raises(pickle.UnpicklingError):
+        unpickler.find_class("builtins", "setattr")
