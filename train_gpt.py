@@ -2804,6 +2804,80 @@ def find_checkpoint(resume: str) -> Path:
                       f"point it at a folder that SAVE_CHECKPOINT=1 wrote")
 
 
+META_KEYS = ("step", "world_size", "config", "log", "train_shards")  # what check_resume and the log's resumed: use
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    """The step folder's meta.json, or a ConfigError naming it when it is not what SAVE_CHECKPOINT=1 wrote."""
+    where = path / CHECKPOINT_META
+    try:
+        meta = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"RESUME: {where} cannot be read ({type(error).__name__}: {error}); the checkpoint is "
+                          f"damaged: point RESUME at another step folder of {path.parent}") from None
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ConfigError(f"RESUME: {where} lacks {', '.join(missing)}; it was not written by train_gpt.py's "
+                          f"SAVE_CHECKPOINT=1: point RESUME at another step folder")
+    return meta
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """ConfigError unless every data file the checkpoint's index names is there and long enough: a checkpoint cut
+    off while copying fails here, before any work, instead of deep inside the load after warmup."""
+    try:
+        metadata = read_checkpoint_metadata(path)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as error:
+        raise ConfigError(f"RESUME: {path / '.metadata'} cannot be read ({type(error).__name__}: {error}); "
+                          f"the checkpoint is damaged or was not written by train_gpt.py: point RESUME at another "
+                          f"step folder") from None
+    needed: dict[str, int] = {}  # file -> the end of the last byte range the index reads from it
+    for item in (getattr(metadata, "storage_data", None) or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, end in sorted(needed.items()):
+        file = path / name
+        size = file.stat().st_size if file.is_file() else None
+        if size is None or size < end:
+            state = "is missing" if size is None else f"is truncated ({size} bytes, the index reads up to {end})"
+            raise ConfigError(f"RESUME: {file} {state}; the checkpoint was cut off while saving or copying: "
+                              f"point RESUME at another step folder of {path.parent}, or copy it again")
+
+
+def checkpoint_folder(hp: Hyperparameters, resume_from: Path | None, name: str) -> Path:
+    """Where SAVE_CHECKPOINT=1 writes: CHECKPOINT_DIR, else the resumed checkpoint's folder when this run continues
+    its newest checkpoint, else LOG_DIR/<run name> (a branch off an older checkpoint starts a folder of its own)."""
+    if hp.checkpoint_dir:
+        return Path(hp.checkpoint_dir)
+    if resume_from is not None and checkpoint_steps(resume_from.parent)[-1] == resume_from:
+        return resume_from.parent
+    return Path(hp.log_dir) / name
+
+
+def probe_checkpoint_folder(folder: Path, hp: Hyperparameters) -> None:
+    """Creates `folder` and writes (then removes) a file in it on every rank, since every rank writes its own
+    shard file; ConfigError on every rank when any rank cannot, so a bad path stops the run before training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe_rank{rank()}_{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        problem = ""
+    except OSError as error:
+        problem = f"{type(error).__name__}: {error.strerror or error}"
+    problems = [problem]
+    if world_size() > 1:  # every rank learns of any rank's failure, so none waits for the others at the first save
+        problems = [""] * world_size()
+        dist.all_gather_object(problems, problem)
+    failed = [(r, text) for r, text in enumerate(problems) if text]
+    if failed:
+        r, text = failed[0]
+        named = f"CHECKPOINT_DIR={hp.checkpoint_dir}" if hp.checkpoint_dir else f"checkpoint folder {folder}"
+        fix = "CHECKPOINT_DIR" if hp.checkpoint_dir else "LOG_DIR (or CHECKPOINT_DIR)"
+        on_rank = f" on rank {r}" if world_size() > 1 else ""
+        raise ConfigError(f"SAVE_CHECKPOINT=1: cannot create or write {named}{on_rank} ({text}); point {fix} at a "
+                          "writable folder")
+
+
 def check_resume(path: Path, meta: dict, hp: Hyperparameters, train_files: list[str]) -> None:
     """ConfigError unless this run can continue the checkpoint: same world size, same configuration apart from
     RESUMABLE_KEYS, same training shards."""
@@ -3000,16 +3074,22 @@ def main(argv: list[str] | None = None) -> int:
         stop.install(device)
         hp = resolve_auto(hp, device)
         resume_from = find_checkpoint(hp.resume) if hp.resume else None
+        if resume_from is not None:  # every checkpoint input is checked here, before any work
+            resume_meta = read_checkpoint_meta(resume_from)
+            check_checkpoint_files(resume_from)
+        name = agreed_run_name(hp)
+        folder = checkpoint_folder(hp, resume_from, name) if hp.save_checkpoint else None
+        if folder is not None:
+            probe_checkpoint_folder(folder, hp)
         state = setup(hp, launch, device)
         if resume_from is not None:
-            resume_meta = json.loads((resume_from / CHECKPOINT_META).read_text())
             check_resume(resume_from, resume_meta, hp, state.loader.files)
     except (ConfigError, ShardError) as error:
         print(f"error: {error}", file=sys.stderr)
         stop.restore()
         close_distributed()
         return 2
-    log = RunLog(hp, launch, device, agreed_run_name(hp))
+    log = RunLog(hp, launch, device, name)
     try:
         if hp.warmup:
             warmup(state)
@@ -3025,11 +3105,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             log.line("resumed: " + json.dumps({"from_log": resume_meta["log"], "checkpoint": str(resume_from),
                                                "step": state.start_step, "load_s": round(time.perf_counter() - t0, 3)}))
-        if hp.save_checkpoint:
-            # a resumed run goes on in its checkpoint's folder, unless it branches off an older checkpoint there
-            continues_series = resume_from is not None and checkpoint_steps(resume_from.parent)[-1] == resume_from
-            folder = (Path(hp.checkpoint_dir) if hp.checkpoint_dir else resume_from.parent if continues_series
-                      else Path(hp.log_dir) / log.name)
+        if folder is not None:
             state.checkpointer = Checkpointer(hp, folder, state.start_step)
         return train(state, log, stop)
     except ShardError as error:  # a train shard read in the background during warmup

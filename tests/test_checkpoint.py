@@ -24,6 +24,7 @@ import torch
 from torch.distributed import checkpoint as dcp
 
 import train_gpt as T
+from conftest import synthetic_tokens, write_test_shard
 
 REPO = Path(T.__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -192,10 +193,12 @@ def test_refusals_name_the_input(run_env, tmp_path):
     assert partial.returncode == 2 and "no complete checkpoint" in partial.stderr
     partial = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "c", RESUME=cut), ok=False)
     assert partial.returncode == 2 and "an incomplete checkpoint" in partial.stderr
-    # a damaged shard file: torch.distributed.checkpoint's error (a BaseException) still ends in a clear exit 2
+    # a shard file of the right size with damaged bytes passes the check before work; torch.distributed.checkpoint's
+    # error at load (a BaseException) still ends in a clear exit 2 (a truncated file is refused earlier: see below)
     damaged = tmp_path / "damaged" / "step_000004"
     shutil.copytree(step4, damaged)
-    (damaged / "__0_0.distcp").write_bytes((damaged / "__0_0.distcp").read_bytes()[:5000])
+    size = (damaged / "__0_0.distcp").stat().st_size
+    (damaged / "__0_0.distcp").write_bytes(bytes(size // 2) + (damaged / "__0_0.distcp").read_bytes()[size // 2:])
     broken = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "e", RESUME=damaged, **settings),
                  ok=False)
     assert broken.returncode == 2 and f"RESUME={damaged}: cannot load" in broken.stderr
@@ -228,20 +231,104 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_loading_never_unpickles_arbitrary_objects(run_env, tmp_path):
-    run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "full", NUM_ITERATIONS=2, SAVE_CHECKPOINT=1))
-    step = next((tmp_path / "full").glob("*/step_000002"))
+def test_loading_never_unpickles_arbitrary_objects(small_checkpoint, tmp_path):
+    env, original = small_checkpoint
+    step = copy_of(original, tmp_path)
     assert set(read_checkpoint(step)) >= {"progress/step", "model/embed.weight", "rank0/rng/cpu"}
     marker = tmp_path / "pwned"
     (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(pickle.UnpicklingError, match="posix.system is not part of a checkpoint's metadata"):
         T.read_checkpoint_metadata(step)
-    result = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "r", NUM_ITERATIONS=2, RESUME=step),
+    # refused while the checkpoint's files are checked, before any work: exit 2, one line, no log
+    result = run([sys.executable, "train_gpt.py"], {**env, "LOG_DIR": str(tmp_path / "r"), "RESUME": str(step)},
                  ok=False)
-    assert result.returncode == 2 and "is not part of a checkpoint's metadata" in result.stderr
+    assert_refused_before_any_work(result, tmp_path / "r", "is not part of a checkpoint's metadata", str(step))
     assert not marker.exists()
-    stopped = only_log(tmp_path / "r").read_text().splitlines()[-1]
-    assert stopped.startswith("stopped: ") and "resume failed" in stopped
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> tuple[dict, Path]:
+    """One 2-step run with SAVE_CHECKPOINT=1, shared by the tests that only read or damage a copy of its
+    checkpoint: (its run env, its step_000002 folder)."""
+    root = tmp_path_factory.mktemp("small_checkpoint")
+    data = root / "data"
+    data.mkdir()
+    for name, count, seed in (("train_000000.bin", 20000, 1), ("train_000001.bin", 20000, 2),
+                              ("val_000000.bin", 8000, 3)):
+        write_test_shard(data / name, synthetic_tokens(count, seed=seed))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(PRESET="test", TRAIN_FILES=str(data / "train_*.bin"), VAL_FILES=str(data / "val_*.bin"),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), NUM_ITERATIONS="2")
+    run([sys.executable, "train_gpt.py"], {**env, "LOG_DIR": str(root / "full"), "SAVE_CHECKPOINT": "1"})
+    return env, next((root / "full").glob("*/step_000002"))
+
+
+def copy_of(step: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(step, tmp_path / "copy" / step.name))
+
+
+def assert_refused_before_any_work(result, logs: Path, *fragments: str) -> None:
+    """Exit 2, one line on stderr naming what is wrong, and no log (nothing trained, nothing written)."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not logs.exists() or not any(logs.glob("*.txt"))
+    assert "step:" not in result.stdout
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_unwritable_checkpoint_dir_stops_before_any_step(small_checkpoint, tmp_path, where):
+    env, _ = small_checkpoint
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    folder = blocker / "ckpt" if where == "under_a_file" else Path("/proc/speedrun_ckpt")
+    result = run([sys.executable, "train_gpt.py"], {**env, "LOG_DIR": str(tmp_path / "logs"), "SAVE_CHECKPOINT": "1",
+                                                    "CHECKPOINT_DIR": str(folder)}, ok=False)
+    assert_refused_before_any_work(result, tmp_path / "logs", f"CHECKPOINT_DIR={folder}", "writable folder")
+
+
+def test_unwritable_default_checkpoint_folder_is_named(small_checkpoint, tmp_path, monkeypatch):
+    """Without CHECKPOINT_DIR the folder is LOG_DIR/<run name>; the probe names it and points at LOG_DIR."""
+    monkeypatch.setattr(T.Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    hp, _ = T.parse_env({**small_checkpoint[0], "LOG_DIR": str(tmp_path), "SAVE_CHECKPOINT": "1"}, False)
+    folder = T.checkpoint_folder(hp, None, "the_run")
+    assert folder == tmp_path / "the_run"
+    with pytest.raises(T.ConfigError, match=r"checkpoint folder .*the_run \(PermissionError: denied\); point LOG_DIR"):
+        T.probe_checkpoint_folder(folder, hp)
+
+
+def test_resume_from_damaged_meta_json_stops_before_any_step(small_checkpoint, tmp_path):
+    env, step = small_checkpoint
+    copy = copy_of(step, tmp_path)
+    (copy / T.CHECKPOINT_META).write_text('{"step": 2, "world_si')
+    result = run([sys.executable, "train_gpt.py"], {**env, "LOG_DIR": str(tmp_path / "logs"), "RESUME": str(copy)},
+                 ok=False)
+    assert_refused_before_any_work(result, tmp_path / "logs", str(copy / T.CHECKPOINT_META), "JSONDecodeError",
+                                   "point RESUME at another step folder")
+
+
+def test_meta_json_without_its_keys_is_refused(small_checkpoint, tmp_path):
+    copy = copy_of(small_checkpoint[1], tmp_path)
+    (copy / T.CHECKPOINT_META).write_text('{"step": 2}')
+    with pytest.raises(T.ConfigError, match="lacks world_size, config, log, train_shards"):
+        T.read_checkpoint_meta(copy)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_resume_from_truncated_or_missing_shard_file_stops_before_any_step(small_checkpoint, tmp_path, damage):
+    env, step = small_checkpoint
+    copy = copy_of(step, tmp_path)
+    (data_file,) = copy.glob("*.distcp")
+    if damage == "truncated":
+        data_file.write_bytes(data_file.read_bytes()[:data_file.stat().st_size // 2])
+    else:
+        data_file.unlink()
+    result = run([sys.executable, "train_gpt.py"], {**env, "LOG_DIR": str(tmp_path / "logs"), "RESUME": str(copy)},
+                 ok=False)
+    assert_refused_before_any_work(result, tmp_path / "logs", str(data_file),
+                                   "is truncated" if damage == "truncated" else "is missing")
 
 
 # ---- multi-node launch ----
@@ -384,9 +471,8 @@ def test_enum_member_pickled_through_getattr_loads(protocol):
     assert unpickle_metadata(data) is member
 
 
-def test_real_metadata_pickled_the_311_2_way_loads(run_env, tmp_path):
-    run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "full", NUM_ITERATIONS=2, SAVE_CHECKPOINT=1))
-    step = next((tmp_path / "full").glob("*/step_000002"))
+def test_real_metadata_pickled_the_311_2_way_loads(small_checkpoint, tmp_path):
+    step = copy_of(small_checkpoint[1], tmp_path)
     with open(step / ".metadata", "rb") as f:
         original = pickle.load(f)  # our own file, written just now
     data = pickled_as_311_2(original)
