@@ -15,6 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 TORCH_MIN=2.11
+PY_MIN_MINOR=11  # Python 3.11 to 3.13: the ones tests/matrix.sh runs the suite on (README: Supported versions)
+PY_MAX_MINOR=13
 VENV=.venv
 command=${1:-train}
 [ $# -gt 0 ] && shift
@@ -38,7 +40,7 @@ choose_python() {  # sets PY; makes .venv (no network: pip comes later, only whe
         PY=$PYTHON
         return
     fi
-    command -v python3 >/dev/null || die "no python3 on PATH: install Python >= 3.10 (Debian/Ubuntu: sudo apt install \
+    command -v python3 >/dev/null || die "no python3 on PATH: install Python 3.$PY_MIN_MINOR to 3.$PY_MAX_MINOR (Debian/Ubuntu: sudo apt install \
 python3 python3-venv), or set PYTHON=/path/to/python"
     if in_venv python3; then
         PY=python3
@@ -48,6 +50,7 @@ python3 python3-venv), or set PYTHON=/path/to/python"
     if "$PY" -c '' 2>/dev/null; then
         return
     fi
+    check_version python3 "$VENV is made from python3 on PATH"  # before anything is made or installed
     if [ -e "$VENV" ]; then
         [ -f "$VENV/pyvenv.cfg" ] || die "$VENV exists but is not a virtual env; move it away, or set PYTHON="
         echo "run.sh: $VENV does not start (its Python moved?); making it again"
@@ -62,10 +65,14 @@ or set PYTHON=/path/to/python"
     rm -f "$VENV.err"
 }
 
-check_version() {  # torch 2.13 and train_gpt.py's type hints need Python >= 3.10
-    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || die "$PY is Python \
-$("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '?'); train_gpt.py needs >= 3.10: \
-install one and set PYTHON=/path/to/it (with .venv made from an older python3: rm -rf $VENV)"
+check_version() {  # $1: the interpreter; one line and exit 2 outside the Pythons the suite is run on (README)
+    local version major minor
+    version=$("$1" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null) || die "$1 does not start"
+    IFS=. read -r major minor _ <<<"$version"
+    if [ "$major" != 3 ] || [ "$minor" -lt "$PY_MIN_MINOR" ] || [ "$minor" -gt "$PY_MAX_MINOR" ]; then
+        die "$1 is Python $version; train_gpt.py supports Python 3.$PY_MIN_MINOR to 3.$PY_MAX_MINOR: install one \
+and set PYTHON=/path/to/it${2:+ ($2)}"
+    fi
 }
 
 ensure_pip() {  # pip for $PY: the visible one (a system pip serves .venv through --system-site-packages) or ensurepip
@@ -142,11 +149,11 @@ case "$command" in
 ./run.sh train --help" ;;
         esac
         choose_python
-        check_version
+        check_version "$PY" "$([ "$PY" = "$VENV/bin/python" ] && echo "$VENV was made from it: rm -rf $VENV first")"
         ;;
     test|data|bench|validate)
         choose_python
-        check_version
+        check_version "$PY" "$([ "$PY" = "$VENV/bin/python" ] && echo "$VENV was made from it: rm -rf $VENV first")"
         ;;
     *)
         die "unknown command '$command'; use one of: train, test, data, bench, validate, help"

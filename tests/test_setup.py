@@ -43,7 +43,10 @@ if code is not None and "EXTERNALLY-MANAGED" in code:
     sys.exit(0 if role == "system" and flag("FAKE_EXTERNALLY_MANAGED") and not flag("FAKE_IN_VENV") else 1)
 if code is not None and "base_prefix" in code:
     sys.exit(0 if role == "venv" or flag("FAKE_IN_VENV") else 1)
-if code == "" or (code is not None and "version_info" in code):
+if code is not None and "version_info" in code:
+    print(os.environ.get("FAKE_VERSION", "3.11.7"))
+    sys.exit(0)
+if code == "":
     sys.exit(0)
 if code is not None and "device_count" in code:
     print(0)
@@ -170,6 +173,23 @@ def test_missing_venv_module_one_line(stand_in):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "python3-venv" in result.stderr and not (stand_in.repo / ".venv").exists()
     assert not [call for call in calls if "pip install" in call]
+
+
+@pytest.mark.parametrize("version", ["3.10.13", "3.14.0", "2.7.18"])
+@pytest.mark.parametrize("via", ["python3", "PYTHON"])
+def test_unsupported_python_gets_one_line_before_anything_is_made(stand_in, version, via):
+    result, calls = stand_in("test", FAKE_VERSION=version, **DISTRIBUTION, **({"PYTHON": "stand-in"} if via == "PYTHON"
+                                                                              else {}))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert f"is Python {version}; train_gpt.py supports Python 3.11 to 3.13" in result.stderr
+    assert not (stand_in.repo / ".venv").exists() and pip_calls(calls) == []
+
+
+@pytest.mark.parametrize("version", ["3.11.2", "3.13.0"])
+def test_supported_python_versions_pass_the_check(stand_in, version):
+    result, _ = stand_in("test", FAKE_VERSION=version, **DISTRIBUTION)
+    assert result.returncode == 0, result.stderr
 
 
 def test_python_pointing_at_an_externally_managed_interpreter_is_refused(stand_in):
