@@ -626,7 +626,9 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float)
     FlexAttention path is held to. Every query sees at least itself, so no row of the softmax is empty."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, H, T, D)
     scores = (q @ k.transpose(-2, -1)).float() * scale  # (1, H, T, T)
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1).type_as(v)
+    # a finite fill, not -inf: exp(fill - row max) is still exactly 0, but a fused kernel that reduces a row in
+    # pieces (vector lanes, tiles) never meets exp(-inf - (-inf)) = NaN in a piece that holds no visible key
+    weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1).type_as(v)
     return (weights @ v).transpose(1, 2)
 
 
@@ -1681,7 +1683,7 @@ class CausalSelfAttention(nn.Module):
     """Attention with a fused fp32 qkvo_w (Q, K, V, O stacked on rows), QK RMS norm, half rotary, value
     embeddings, scale attn_scale, and a sigmoid output gate per head read from the first gate_input_dim channels."""
 
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, hp: Hyperparameters, gate_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_heads, self.head_dim = hp.num_heads, hp.head_dim
         width = hp.num_heads * hp.head_dim
@@ -1689,24 +1691,25 @@ class CausalSelfAttention(nn.Module):
         qkvo = torch.empty(4 * width, hp.model_dim).uniform_(-bound, bound)
         qkvo[3 * width:].zero_()
         self.qkvo_w = nn.Parameter(qkvo)
-        self.attn_gate = nn.Parameter(torch.zeros(hp.num_heads, hp.gate_input_dim))
+        # bf16 on CUDA as #48 (NorMuon updates it in bf16); the embeddings' dtype in general
+        self.attn_gate = nn.Parameter(torch.zeros(hp.num_heads, hp.gate_input_dim, dtype=gate_dtype))
 
     def forward(self, x: Tensor, value_embed: Tensor | None, sa_lambdas: Tensor, mask, shared: AttnInputs) -> Tensor:
         """x: (1, T, model_dim); value_embed: (1, T, model_dim) or None; mask: from attention_mask()."""
         batch, seq, _ = x.shape
         width = self.num_heads * self.head_dim
         w = self.qkvo_w.type_as(x)
-        qkv = F.linear(x, w[:3 * width] * sa_lambdas[0].type_as(x))
+        qkv = F.linear(x, w[:3 * width] * sa_lambdas[0])  # w already in x's dtype; the 0-D fp32 factor keeps it
         q, k, v = qkv.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2)
         # YaRN's scale factor multiplies q, which is the same as multiplying the softmax scale
-        q = apply_rotary(rms_norm(q), shared.cos, shared.sin) * shared.yarn_factor.type_as(x)
+        q = apply_rotary(rms_norm(q), shared.cos, shared.sin) * shared.yarn_factor  # 0-D fp32, unrounded (#48)
         k = apply_rotary(rms_norm(k), shared.cos, shared.sin)
         if value_embed is not None:
             v = v + value_embed.view_as(v)
         y = attention(q, k, v, mask, shared.scale)
         gate = torch.sigmoid(F.linear(x[..., :self.attn_gate.size(1)], self.attn_gate.type_as(x)))
         y = (y * gate.unsqueeze(-1)).reshape(batch, seq, width)
-        return F.linear(y, w[3 * width:] * sa_lambdas[1].type_as(x))
+        return F.linear(y, w[3 * width:] * sa_lambdas[1])
 
 
 class MLP(nn.Module):
@@ -1727,16 +1730,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """x = lambda_a * x + lambda_b * x0; x += attn(norm(x)); x += mlp(norm(x)) (each sublayer where the plan has it)."""
 
-    def __init__(self, hp: Hyperparameters, has_attn: bool, has_mlp: bool):
+    def __init__(self, hp: Hyperparameters, has_attn: bool, has_mlp: bool, gate_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.attn = CausalSelfAttention(hp) if has_attn else None
+        self.attn = CausalSelfAttention(hp, gate_dtype) if has_attn else None
         self.attn_norm = make_norm(hp) if has_attn else None
         self.mlp = MLP(hp) if has_mlp else None
         self.mlp_norm = make_norm(hp) if has_mlp else None
 
     def forward(self, x: Tensor, x0: Tensor, lambdas: Tensor, sa_lambdas: Tensor, value_embed: Tensor | None,
                 mask, shared: AttnInputs) -> Tensor:
-        x = lambdas[0].type_as(x) * x + lambdas[1].type_as(x) * x0
+        x = lambdas[0] * x + lambdas[1] * x0  # fp32 0-D scalars: bf16 products, unrounded factors (#48)
         if self.attn is not None:
             x = x + self.attn(self.attn_norm(x), value_embed, sa_lambdas, mask, shared)
         if self.mlp is not None:
@@ -1748,7 +1751,7 @@ class GPT(nn.Module):
     """Record #48's GPT: smeared embedding, value embeddings, U-net skip, backout, soft-capped zero-init head.
 
     The scalars (block lambdas, sa_lambdas, skip weight, smear and backout lambdas) live in one fp32 vector,
-    `scalars`, laid out by `scalar_slices`. embed_dtype is the storage dtype of the embeddings and head (bf16 on
+    `scalars`, laid out by `scalar_slices`. embed_dtype is the storage dtype of the embeddings, head and gates (bf16 on
     CUDA as the record; fp32 on CPU, where bf16 matmuls are slow); activations follow it. max_seq_len: the
     longest packed sequence a forward will see (rotary table rows; default: the longest training chunk and
     validation sequence at world size 1).
@@ -1767,13 +1770,15 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(hp.vocab_size, hp.model_dim, dtype=embed_dtype)
         self.value_embeds = nn.ModuleList(nn.Embedding(hp.vocab_size, hp.model_dim, dtype=embed_dtype)
                                           for _ in range(hp.num_value_embeds))
-        self.smear_gate = nn.Parameter(torch.zeros(1, hp.gate_input_dim))
-        self.blocks = nn.ModuleList(Block(hp, self.plan.attn[i], self.plan.mlp[i]) for i in range(n))
+        # the gates are stored like the embeddings (bf16 on CUDA, as #48's)
+        self.smear_gate = nn.Parameter(torch.zeros(1, hp.gate_input_dim, dtype=embed_dtype))
+        self.blocks = nn.ModuleList(Block(hp, self.plan.attn[i], self.plan.mlp[i], embed_dtype) for i in range(n))
         self.final_norm = make_norm(hp)
         self.lm_head = nn.Parameter(torch.zeros(hp.vocab_size, hp.model_dim, dtype=embed_dtype))
+        # single scalars by int index, not 1-element slices: a 0-D fp32 tensor times a bf16 activation stays bf16
+        # (a (1,) one would promote the product to fp32)
         self.scalar_slices = {"lambdas": slice(0, 2 * n), "sa_lambdas": slice(2 * n, 4 * n),
-                              "skip": slice(4 * n, 4 * n + 1), "smear": slice(4 * n + 1, 4 * n + 2),
-                              "backout": slice(4 * n + 2, 4 * n + 3)}
+                              "skip": 4 * n, "smear": 4 * n + 1, "backout": 4 * n + 2}
         scalars = torch.cat([torch.tensor([1.1, 0.0]).repeat(n), torch.tensor([0.5, 1.0]).repeat(n),
                              torch.tensor([-1.5, 0.0, 0.5])])
         self.scalars = nn.Parameter(scalars)
@@ -1837,7 +1842,9 @@ class GPT(nn.Module):
         scalars = {name: self.scalars[s] for name, s in self.scalar_slices.items()}
         x = self.embed(idx)[None]  # (1, T, model_dim)
         gate = torch.sigmoid(F.linear(x[:, 1:, :hp.gate_input_dim], self.smear_gate.type_as(x)))
-        x = torch.cat([x[:, :1], x[:, 1:] + scalars["smear"].type_as(x) * gate * x[:, :-1]], dim=1)
+        # fp32 0-D scalars multiply bf16 activations as they are (#48): rounding them to bf16 first (.type_as) would
+        # shift e.g. YaRN's attention factor by up to 0.2%; the products stay bf16
+        x = torch.cat([x[:, :1], x[:, 1:] + scalars["smear"] * gate * x[:, :-1]], dim=1)
         x = x0 = rms_norm(x)
         value_embeds = [table(idx)[None] for table in self.value_embeds]
         shared = AttnInputs(cos=self.rotary.cos, sin=self.rotary.sin, scale=hp.attn_scale,
@@ -1850,7 +1857,7 @@ class GPT(nn.Module):
             if block.attn is None and block.mlp is None:
                 continue
             if i == plan.skip_target and skip is not None:
-                x = x + torch.sigmoid(scalars["skip"]).type_as(x) * skip
+                x = x + torch.sigmoid(scalars["skip"]) * skip
             ve = value_embeds[plan.value_embed[i]] if plan.value_embed[i] is not None else None
             x = block(x, x0, scalars["lambdas"][2 * i:2 * i + 2], scalars["sa_lambdas"][2 * i:2 * i + 2], ve,
                       masks[self.windows[plan.long_window[i]]], shared)
@@ -1859,7 +1866,7 @@ class GPT(nn.Module):
             if i == plan.backout_layer:
                 backout = x
         if backout is not None:
-            x = x - scalars["backout"].type_as(x) * backout
+            x = x - scalars["backout"] * backout
         x = self.final_norm(x)[0]  # (T, model_dim)
         if self.training:
             return F.cross_entropy(self.logits(x, fp8), targets, reduction=reduction)

@@ -252,3 +252,49 @@ def test_rotary_table_covers_sequences_padded_to_flex_tiles():
     even when no sequence of the run is that long (the test preset's are 64 and 128 tokens)."""
     model = T.GPT(hp(val_batch_tokens=128))
     assert model.rotary.cos.size(0) % T.FLEX_BLOCK == 0 and model.rotary.cos.size(0) >= 64
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op of a forward/backward with its input and output tensors' (dtype, shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = lambda xs: [(t.dtype, tuple(t.shape)) for t in torch.utils._pytree.tree_leaves(xs)
+                              if isinstance(t, torch.Tensor)]
+        self.ops.append((str(func.overloadpacket.__name__), tensors((args, kwargs)), tensors(out)))
+        return out
+
+
+def test_bf16_model_multiplies_by_unrounded_fp32_scalars_and_stays_bf16():
+    """As #48 on CUDA: bf16 activations times the fp32 0-D scalars (block lambdas, sa_lambdas, smear, skip, backout,
+    YaRN's attention factor); no scalar is rounded to bf16 first, and no product is promoted to fp32. The gates are
+    stored in bf16 like the embeddings."""
+    config = hp(num_layers=4)
+    torch.manual_seed(0)
+    model = T.GPT(config, torch.bfloat16).train()
+    with torch.no_grad():
+        model.lm_head.normal_(0, 0.02)  # a zero head would leave most gradients exactly zero
+    assert model.smear_gate.dtype == torch.bfloat16
+    assert all(b.attn.attn_gate.dtype == torch.bfloat16 for b in model.blocks if b.attn is not None)
+    model.set_training_window(config.long_windows[0] + 3)  # a YaRN step: a scale factor that bf16 cannot hold exactly
+    assert float(model.rotary.scale_factor) != float(model.rotary.scale_factor.bfloat16())
+    tokens = packed_docs(97, seed=1)
+    recorder = _RecordOps()
+    with recorder:
+        model(tokens[:-1], tokens[1:]).backward()
+    rounded = [op for op in recorder.ops if op[0] in ("_to_copy", "to") and op[1] and op[1][0] == (torch.float32, ())
+               and op[2] and op[2][0][0] == torch.bfloat16]
+    assert rounded == [], f"0-D fp32 scalars rounded to bf16: {rounded[:3]}"
+    scalar_products = [op for op in recorder.ops if op[0] == "mul" and (torch.float32, ()) in op[1]
+                       and any(dtype == torch.bfloat16 and len(shape) >= 2 for dtype, shape in op[1])]
+    assert len(scalar_products) >= 8  # lambdas, sa_lambdas, smear, skip, backout, YaRN at least once each
+    assert all(op[2][0][0] == torch.bfloat16 for op in scalar_products), scalar_products[:3]
+    promoted = [op for op in recorder.ops if op[0] in ("mul", "add", "sub") and op[2] and op[2][0][0] == torch.float32
+                and len(op[2][0][1]) >= 2 and any(dtype == torch.bfloat16 for dtype, _ in op[1])
+                and any(dtype == torch.float32 and shape == (1,) for dtype, shape in op[1])]
+    assert promoted == [], f"a 1-element fp32 slice promoted an activation: {promoted[:3]}"
+    assert model.smear_gate.grad is not None and model.smear_gate.grad.dtype == torch.bfloat16
