@@ -162,6 +162,8 @@ esac
 
 case "$command" in
     train)
+        # #48's allocator setting, before any process touches CUDA (train_gpt.py sets the same default itself)
+        export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
         if [ $# -gt 0 ]; then  # --help
             train_help
             exit 0

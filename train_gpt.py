@@ -19,7 +19,8 @@ where one was saved), peak memory and a `final:` json line, or a `stopped:` line
 `python records/validate.py logs/` tests a set of runs.
 
 Sections, in order: hyperparameters, distributed, kernels, optimizers, norms, model, data, logging, training loop,
-checkpoints, main. Importing this file runs nothing: no CUDA, no network, no file writes.
+checkpoints, main. Importing this file runs nothing (it only sets PYTORCH_ALLOC_CONF's default): no CUDA, no
+network, no file writes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
+
+# #48's allocator setting (fewer fragmentation stalls as the batch grows). Set before torch is imported, so that it is
+# in place before anything (this file, a test, a benchmark) touches CUDA; a value the user set wins.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import numpy as np
 import torch
@@ -198,8 +203,10 @@ class Hyperparameters:
                                check=_non_negative)
     resume: str = _hp("", "continue the run saved in this checkpoint: a step_NNNNNN folder, or a checkpoint folder "
                       "(its newest complete step)")
-    dist_timeout: float = _hp(300.0, "seconds a collective waits for the other ranks before the job ends with an "
-                              "error (a rank that died or hangs)", check=_positive)
+    dist_timeout: float = _hp(600.0, "seconds a collective waits for the other ranks before the job ends with an "
+                              "error (a rank that died or hangs); 600 is torch's NCCL default, and leaves room for the "
+                              "first step, where ranks compile different optimizer graphs while others wait",
+                              check=_positive)
 
     @property
     def scheduled_iterations(self) -> int:
@@ -543,7 +550,7 @@ def pick_device(launch: Launch) -> torch.device:
     return torch.device("cuda", launch.local_rank)
 
 
-def init_distributed(launch: Launch, timeout_s: float = 300.0) -> torch.device:
+def init_distributed(launch: Launch, timeout_s: float = 600.0) -> torch.device:
     """Picks the device (LOCAL_RANK's GPU: the GPU index on this node, whatever the node) and, for world size > 1,
     joins the process group (NCCL on CUDA, gloo on CPU). timeout_s bounds every collective: when a rank dies or
     hangs, the others raise after that long instead of waiting forever (NCCL's watchdog, gloo's transport), and
@@ -3075,8 +3082,6 @@ def main(argv: list[str] | None = None) -> int:
         if argv == ["--check"]:
             resolve_auto(hp, pick_device(launch))
             return 0
-        # before CUDA starts: #48's allocator setting (fewer fragmentation stalls as the batch grows)
-        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         device = init_distributed(launch, hp.dist_timeout)
         stop.install(device)
         hp = resolve_auto(hp, device)

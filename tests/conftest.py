@@ -8,9 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# This process asks for its GPUs now (torch reads CUDA_VISIBLE_DEVICES once, when CUDA is first queried) and keeps
+# them for the cuda-marked tests; every subprocess a test starts (training runs, torchrun ranks) inherits an empty
+# CUDA_VISIBLE_DEVICES and runs on the CPU, so a one-GPU machine never puts two gloo ranks on one device.
+CUDA_IN_THIS_PROCESS = torch.cuda.is_available()
+GPU_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")  # for a cuda-marked test that starts a GPU subprocess
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 BOS = 50256
 

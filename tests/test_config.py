@@ -4,10 +4,13 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import train_gpt as T
+
+REPO = Path(T.__file__).resolve().parent
 
 
 def parse(env, cuda=False):
@@ -266,3 +269,27 @@ def test_env_errors_exit_2_with_one_line_from_the_command_line(tmp_path, env, wo
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(words)
     assert not (tmp_path / "logs").exists()
+
+
+def test_subprocesses_of_cpu_tests_see_no_gpu(run_env):
+    """conftest hides CUDA from every process a test starts, so a one-GPU machine runs the torchrun tests' two ranks
+    on the CPU (gloo) instead of both on one device; this process keeps its GPUs for the cuda-marked tests."""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and run_env["CUDA_VISIBLE_DEVICES"] == ""
+    seen = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=run_env,
+                          capture_output=True, text=True, timeout=120)
+    assert seen.stdout.strip() == "0", seen.stderr
+
+
+def test_allocator_setting_is_in_place_before_torch_is_imported():
+    """#48's expandable segments: set by train_gpt.py before `import torch`, a value the user set kept."""
+    code = "import os, sys; import train_gpt; print(os.environ['PYTORCH_ALLOC_CONF'], 'torch' in sys.modules)"
+    for given, expected in ((None, "expandable_segments:True"),
+                            ("expandable_segments:False", "expandable_segments:False")):
+        env = {k: v for k, v in os.environ.items() if k != "PYTORCH_ALLOC_CONF"}
+        if given:
+            env["PYTORCH_ALLOC_CONF"] = given
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(REPO)}, capture_output=True,
+                             text=True, timeout=120, cwd=REPO)
+        assert out.stdout.split() == [expected, "True"], out.stderr
+    source = (REPO / "train_gpt.py").read_text()
+    assert source.index('os.environ.setdefault("PYTORCH_ALLOC_CONF"') < source.index("\nimport torch\n")
