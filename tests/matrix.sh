@@ -67,7 +67,7 @@ run_combination() {
     rc=$?
     wall=$(( $(date +%s) - start ))
     counts=$(summary_counts "$log")
-    note="exit $rc"
+    note="exit $rc at $(git -C "$clone" rev-parse --short HEAD)"
     if [ "$rc" = 2 ] && grep -q '^run.sh: ' "$log"; then
         note="refused: $(grep -m1 '^run.sh: ' "$log" | cut -c1-100)"
         counts="- - -"
