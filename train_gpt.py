@@ -2436,9 +2436,29 @@ def train_step(state: TrainState, step: int) -> Tensor:
     return mean_loss
 
 
+def read_logged_values(loss: Tensor, stop: StopSignal | None = None, momo: Momo | None = None
+                       ) -> tuple[float, float | None]:
+    """What a logging step reads, in one all-reduce and one host read (the only host sync of a step): the mean train
+    loss over ranks, whether any rank was asked to stop (handed to `stop`), and Momo's last step scale.
+    Returns (train loss, Momo scale or None)."""
+    parts = [loss.detach().float().reshape(1)]
+    if stop is not None:  # made on the device from Python numbers: no host-to-device copy
+        parts.append(torch.full((len(STOP_SIGNALS),), 0.0, device=loss.device))
+        for i, signum in enumerate(STOP_SIGNALS):
+            if stop.signum == signum:
+                parts[-1][i] = 1.0
+    has_scale = momo is not None and momo.last_scale is not None
+    if has_scale:  # the same on every rank (Momo's scalars are all-reduced), so the mean is that value
+        parts.append(momo.last_scale.detach().float().reshape(1))
+    values = all_reduce_mean(torch.cat(parts)).tolist()  # a mean of 0/1 flags is > 0 when any rank was asked
+    if stop is not None:
+        stop.agree([signum for i, signum in enumerate(STOP_SIGNALS) if values[1 + i] > 0])
+    return values[0], values[-1] if has_scale else None
+
+
 def read_train_loss(loss: Tensor) -> float:
     """The mean train loss per token over all ranks: a collective and a host sync, so only on the steps that log."""
-    return all_reduce_mean(loss.detach().clone()).item()
+    return read_logged_values(loss)[0]
 
 
 @torch.no_grad()
@@ -2531,7 +2551,7 @@ def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int
     t0 = time.perf_counter()
     for step in range(state.start_step, steps + 1):
         state.current_step = step
-        if stop is not None and stop.agreed(step, hp.train_log_every):
+        if stop is not None and stop.agreed():
             if checkpointer is not None and checkpointer.can_save_at(step):  # a stop keeps the work done so far
                 synchronize(device)
                 checkpointer.save(state, step, train_ms + 1000 * (time.perf_counter() - t0), tokens_seen, log)
@@ -2581,7 +2601,7 @@ def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int
             return stop_on_data_error(log, step, error, last_finite)
         tokens_seen += schedule_phase(step, hp)[0]
         logs_loss = (step + 1) % hp.train_log_every == 0 or step + 1 == steps
-        train_loss = read_train_loss(loss) if logs_loss else None
+        train_loss, momo_scale = read_logged_values(loss, stop, state.momo) if logs_loss else (None, None)
         if train_loss is not None and not math.isfinite(train_loss):
             return stop_nonfinite(log, step + 1, "train_loss", last_finite)
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
@@ -2589,9 +2609,8 @@ def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int
         if train_loss is not None:
             last_finite = train_loss
             loss_text = f" train_loss:{train_loss:.4f}"
-            if state.momo is not None and state.momo.last_scale is not None:
-                # the step size Momo chose, as a fraction of the scheduled lr (1: not truncated)
-                extra = f" momo_scale:{state.momo.last_scale.item():.4f}"
+            if momo_scale is not None:  # the step size Momo chose, as a fraction of the scheduled lr (1: not truncated)
+                extra = f" momo_scale:{momo_scale:.4f}"
         rate = tokens_seen / (elapsed_ms / 1000)
         eta = (steps - step - 1) * elapsed_ms / (step + 1) / 1000
         log.line(f"step:{step + 1}/{steps}{loss_text} train_time:{elapsed_ms:.0f}ms "
@@ -2975,6 +2994,7 @@ def load_checkpoint(state: TrainState, path: Path) -> tuple[int, float, int]:
 # ---- main ----
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COMPILE_RECOMPILE_LIMIT = 64  # above the window/shape variants one run compiles (torch's default of 8 is not)
 REPEAT_SIGNAL_S = 1.0  # a signal this soon after the first is the same request (Ctrl-C under torchrun: one from the
                        # terminal, one forwarded by torchrun); a later one stops at once
@@ -2986,11 +3006,10 @@ class StopSignal:
     `stopped:` line and the exit code is 128 + the signal (130, 143). A second signal stops at once (no log line)."""
 
     def __init__(self):
-        self.signum, self.first_at, self.device = 0, 0.0, torch.device("cpu")
+        self.signum, self.agreed_signum, self.first_at = 0, 0, 0.0
         self.previous: dict[int, object] = {}
 
-    def install(self, device: torch.device) -> None:
-        self.device = device
+    def install(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.previous[signum] = signal.signal(signum, self._handle)
 
@@ -3011,18 +3030,21 @@ class StopSignal:
                 os.write(2, f"\n{signal.Signals(signum).name}: stopping at the next step (again to stop at once)\n"
                             .encode())
 
-    def agreed(self, step: int, every: int) -> bool:
-        """Whether to stop before `step`. At world size 1 as soon as signalled; across ranks only every `every`
-        steps (the steps right after a logged train loss, already a host sync), where one all-reduce tells every
-        rank whether any of them was signalled."""
+    def agree(self, requested: list[int]) -> None:
+        """The signals any rank was asked to stop by, as read_logged_values' all-reduce found them: every rank
+        takes the same one, so every rank stops before the same step."""
+        if requested:
+            self.agreed_signum = self.signum if self.signum in requested else requested[0]
+
+    def agreed(self) -> bool:
+        """Whether to stop before the next step. At world size 1 as soon as signalled; across ranks once a logging
+        step's read (read_logged_values, already the step's host sync) has told every rank of any rank's signal,
+        so that no collective is added for it."""
         if world_size() == 1:
             return bool(self.signum)
-        if step % every:
-            return False
-        flag = torch.tensor(self.signum, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signum = int(flag.item())
-        return bool(self.signum)
+        if self.agreed_signum:
+            self.signum = self.agreed_signum
+        return bool(self.agreed_signum)
 
     def end_run(self, log: RunLog, step: int, last_finite_loss: float) -> int:
         log.stopped(f"interrupted by {signal.Signals(self.signum).name}", step, last_finite_loss)
@@ -3083,7 +3105,7 @@ def main(argv: list[str] | None = None) -> int:
             resolve_auto(hp, pick_device(launch))
             return 0
         device = init_distributed(launch, hp.dist_timeout)
-        stop.install(device)
+        stop.install()
         hp = resolve_auto(hp, device)
         resume_from = find_checkpoint(hp.resume) if hp.resume else None
         if resume_from is not None:  # every checkpoint input is checked here, before any work
