@@ -884,7 +884,7 @@ class DistAdam(LoopOptimizer):
         self.compiled = compile
         self.update = torch.compile(adam_update, dynamic=False) if compile else adam_update
         self._pending: dict[Tensor, tuple[dist.Work, Tensor]] = {}
-        self._gathers: list[tuple[dist.Work, Tensor, Tensor]] = []
+        self._gathers: list[tuple[dist.Work, Tensor, Tensor | None]] = []  # (work, param, padded buffer or None)
         for group in self.param_groups:
             for p in group["params"]:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -967,7 +967,8 @@ class DistAdam(LoopOptimizer):
     def _commit_all(self) -> None:
         for work, p, full in self._gathers:
             work.wait()
-            p.data.copy_(full[:p.shape[0]])
+            if full is not None:  # gathered into a padded buffer, not into p itself
+                p.data.copy_(full[:p.shape[0]])
         self._gathers = []
         self._clear_grads()
 
@@ -976,8 +977,14 @@ class DistAdam(LoopOptimizer):
         if self.world == 1:
             return
         chunk, lo, hi = self._rows(p)
-        shard = p.data.new_zeros((chunk,) + p.shape[1:])
+        if chunk * self.world == p.shape[0] and p.data.is_contiguous():
+            # rows divide evenly (the embeddings and head): gather straight into p, whose own rows are the input
+            # (as #48), so there is no buffer to fill and no copy back
+            self._gathers.append((all_gather_single(p.data, p.data[lo:hi], async_op=True), p, None))
+            return
+        shard = p.data.new_empty((chunk,) + p.shape[1:])
         shard[:hi - lo] = p.data[lo:hi]
+        shard[hi - lo:].zero_()  # only the padding rows past p's end (gathered, then dropped)
         full = p.data.new_empty((chunk * self.world,) + p.shape[1:])
         self._gathers.append((all_gather_single(full, shard, async_op=True), p, full))
 
@@ -1125,10 +1132,10 @@ class NorMuon(LoopOptimizer):
     def _launch_reduce(self, index: int) -> None:
         params = self.comm_groups[index]
         chunk = self._chunk(index)
-        grads = torch.zeros((chunk * self.world,) + params[0].shape, dtype=params[0].dtype, device=params[0].device)
+        grads = torch.empty((chunk * self.world,) + params[0].shape, dtype=params[0].dtype, device=params[0].device)
         for i, p in enumerate(params):
-            if p.grad is not None:
-                grads[i] = p.grad
+            grads[i] = p.grad if p.grad is not None else 0
+        grads[len(params):].zero_()  # only the padding matrices, up to a multiple of the world size
         out = grads.new_empty((chunk,) + params[0].shape)
         self.bytes_sent += grads.numel() * grads.element_size() * (self.world - 1) // self.world
         self._pending[index] = (reduce_scatter_single(out, grads, op=dist.ReduceOp.AVG, async_op=True), out)
@@ -1183,8 +1190,9 @@ class NorMuon(LoopOptimizer):
             return
         params = self.comm_groups[index]
         chunk = self._chunk(index)
-        updated = new.new_zeros((chunk,) + params[0].shape)
-        updated[:len(local)] = new
+        updated = new.contiguous()  # this rank's chunk (chunk, rows, cols) as it is, unless the tail left it short
+        if len(local) < chunk:  # the padding past the last matrix is gathered, then dropped
+            updated = torch.cat([new, new.new_zeros((chunk - len(local),) + params[0].shape)])
         full = updated.new_empty((chunk * self.world,) + updated.shape[1:])
         self.bytes_sent += updated.numel() * updated.element_size() * (self.world - 1)
         self._gathers.append((all_gather_single(full, updated, async_op=True), params, full))
