@@ -164,6 +164,71 @@ def test_fp8_kernel_matches_cpu_twin():
     torch.testing.assert_close(fast.float(), twin.float(), rtol=2e-2, atol=2e-2)
 
 
+FP8_SCALES = (math.sqrt(768) / 448, 2 ** -9, 1 / 448)
+
+
+def fp8_reference_grads(x, w, grad, scales):
+    """float64 gradients of the FP8 head: x and w rounded to e4m3 and the incoming gradient to e5m2, as the kernel
+    sees them, then exact matmuls."""
+    x_scale, w_scale, grad_scale = scales
+    dequantize = lambda t, scale, dtype: T.fp8_quantize(t, scale, dtype).double() * scale
+    x_q, w_q = dequantize(x, x_scale, torch.float8_e4m3fn), dequantize(w, w_scale, torch.float8_e4m3fn)
+    g_q = dequantize(grad, grad_scale, torch.float8_e5m2)
+    return g_q @ w_q, g_q.T @ x_q
+
+
+def fp8_inputs(device="cpu"):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 768, generator=gen).bfloat16().to(device).requires_grad_()
+    w = (torch.randn(256, 768, generator=gen) * 0.01).bfloat16().to(device).requires_grad_()
+    grad = (torch.randn(64, 256, generator=gen) * 0.1).bfloat16().to(device)
+    return x, w, grad
+
+
+def test_fp8_custom_op_registration_is_consistent():
+    """torch.library.opcheck: the fake (shape-only) twins match the real outputs' shapes, dtypes and strides, and
+    the autograd registration is sound, which is what torch.compile relies on."""
+    x, w, grad = fp8_inputs()
+    # fake and autograd checks only: opcheck's schema and AOT checks reduce or perturb the float8 outputs
+    # arithmetically, which float8 tensors do not support on the CPU (the compiled test below traces the op instead)
+    torch.library.opcheck(T.fp8_linear_op, (x, w, *FP8_SCALES), test_utils=("test_faketensor",
+                                                                            "test_autograd_registration"))
+    x_f8 = T.fp8_quantize(x.detach(), FP8_SCALES[0], torch.float8_e4m3fn)
+    w_f8 = T.fp8_quantize(w.detach(), FP8_SCALES[1], torch.float8_e4m3fn)
+    torch.library.opcheck(T.fp8_linear_backward_op, (grad, x_f8, w_f8, *FP8_SCALES), test_utils="test_faketensor")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_custom_op_forward_and_backward_against_float64(compiled):
+    """The op's forward equals the CPU twin (the same FP8 rounding); its backward, with e5m2 gradients, equals a
+    float64 reference; compiled (fullgraph, through the fake twins) it gives the same as eager."""
+    x, w, grad = fp8_inputs()
+    head = lambda x, w: T.fp8_linear_op(x, w, *FP8_SCALES)[0]
+    if compiled:
+        head = torch.compile(head, backend="aot_eager", fullgraph=True)
+    out = head(x, w)
+    assert out.dtype == torch.bfloat16 and out.shape == (64, 256)
+    assert torch.equal(out, T.fp8_linear_reference(x.detach(), w.detach(), *FP8_SCALES))
+    out.backward(grad)
+    grad_x, grad_w = fp8_reference_grads(x.detach(), w.detach(), grad, FP8_SCALES)
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.double(), grad_x, rtol=1e-2, atol=1e-5)  # bf16 output rounding only
+    torch.testing.assert_close(w.grad.double(), grad_w, rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_fp8_kernel_backward_matches_float64_reference():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs a CUDA GPU with sm90+")
+    x, w, grad = fp8_inputs("cuda")
+    out = T.fp8_linear(x, w, *FP8_SCALES)
+    out.backward(grad)
+    grad_x, grad_w = fp8_reference_grads(x.detach().cpu(), w.detach().cpu(), grad.cpu(), FP8_SCALES)
+    # _scaled_mm accumulates in fp32 and rounds grad_x to bf16: a few bf16 ulps off the float64 reference
+    torch.testing.assert_close(x.grad.double().cpu(), grad_x, rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(w.grad.double().cpu(), grad_w, rtol=2e-2, atol=1e-4)
+
+
 @pytest.mark.cuda
 def test_flex_attention_matches_dense_attention_on_cuda():
     if not torch.cuda.is_available():
