@@ -2809,9 +2809,12 @@ class _MetadataUnpickler(pickle.Unpickler):
             return self.metadata_class(module, name)
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
-        if (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                              ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")):
+        if (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict")):
             return getattr(importlib.import_module(module), name)
+        # Python 3.13 pickles paths as pathlib._local.PosixPath, older ones as pathlib.PosixPath: either name
+        # resolves to pathlib's own class, so a checkpoint loads under any supported Python
+        if module in ("pathlib", "pathlib._local") and name in ("PosixPath", "WindowsPath", "PurePosixPath"):
+            return getattr(importlib.import_module("pathlib"), name)
         # Some Pythons (Debian 12's 3.11.2) pickle an Enum member as getattr(EnumClass, "NAME"); protocols < 3
         # spell the module __builtin__. Only the guarded stand-in below is handed out, never getattr itself.
         if module in ("builtins", "__builtin__") and name == "getattr":

@@ -517,6 +517,12 @@ def test_the_getattr_stand_in_refuses_other_owners_before_any_lookup(owner):
         T._MetadataUnpickler.enum_member(owner, "system")
 
 
+@pytest.mark.parametrize("module", [b"pathlib", b"pathlib._local"])  # 3.13 writes the second, older ones the first
+def test_paths_pickled_by_any_supported_python_load(module):
+    data = b"\x80\x02c" + module + b"\nPosixPath\nX\x04\x00\x00\x00/tmp\x85R."
+    assert unpickle_metadata(data) == Path("/tmp")
+
+
 def test_getattr_itself_is_never_handed_out():
     unpickler = T._MetadataUnpickler(io.BytesIO(b""))
     for module in ("builtins", "__builtin__"):
