@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,34 @@ def test_world2_run_writes_one_log_by_rank0(run_env, tmp_path):
     assert log["config"]["world_size"] == 2
     assert len([line for line in log["lines"] if line.startswith("step:4/4 val_loss:")]) == 1
     assert log["final"]["status"] == "complete"
+
+
+CLOSE_WORKER = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    sys.path.insert(0, {repo!r})
+    import train_gpt as T
+    launch = T.parse_env(os.environ, cuda_available=False)[1]
+    T.init_distributed(launch)
+    T.all_reduce_sum(torch.ones(2))  # gloo starts its worker threads
+    torch.optim.SGD([torch.nn.Parameter(torch.ones(1))])  # the first optimizer imports torch._dynamo, as setup() does
+    T.close_distributed()
+    threads = [open(f"/proc/self/task/{{task}}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+    with open({out!r} + f".{{launch.rank}}", "w") as f:
+        json.dump([name for name in threads if "gloo" in name], f)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_close_distributed_ends_the_gloo_threads(run_env, tmp_path):
+    """A group that outlives close_distributed keeps gloo's workers running into interpreter shutdown,
+    where a worker freeing a finished work's tensors needs the GIL and aborts the rank (SIGABRT, `terminate called
+    without an active exception`) after a complete run."""
+    script, out = tmp_path / "close_worker.py", str(tmp_path / "threads")
+    script.write_text(CLOSE_WORKER.format(repo=str(REPO), out=out))
+    run(TORCHRUN + [str(script)], run_env, timeout=120)
+    assert [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)] == [[], []]
 
 
 def test_nonfinite_loss_stops_with_step_and_last_finite_loss(run_env, tmp_path, monkeypatch):
