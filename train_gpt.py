@@ -1916,8 +1916,9 @@ class GPT(nn.Module):
             if i == plan.skip_target and skip is not None:
                 x = x + torch.sigmoid(scalars["skip"]) * skip
             ve = value_embeds[plan.value_embed[i]] if plan.value_embed[i] is not None else None
+            window = self.windows[int(plan.long_window[i])]  # int(): torch 2.11's dynamo refuses a bool index
             x = block(x, x0, scalars["lambdas"][2 * i:2 * i + 2], scalars["sa_lambdas"][2 * i:2 * i + 2], ve,
-                      masks[self.windows[plan.long_window[i]]], shared)
+                      masks[window], shared)
             if i == plan.skip_source:
                 skip = x
             if i == plan.backout_layer:
