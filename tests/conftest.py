@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +53,9 @@ def synthetic_tokens(num_tokens: int, seed: int = 0, vocab: int = 512) -> np.nda
     return np.concatenate(out)[:num_tokens].astype(np.uint16)
 
 
-@pytest.fixture
-def shard_dir(tmp_path: Path) -> Path:
-    """Two train shards and one val shard of synthetic documents."""
-    data = tmp_path / "data"
+def write_shards(root: Path) -> Path:
+    """root/data: two train shards and one val shard of synthetic documents."""
+    data = root / "data"
     data.mkdir()
     write_test_shard(data / "train_000000.bin", synthetic_tokens(20000, seed=1))
     write_test_shard(data / "train_000001.bin", synthetic_tokens(20000, seed=2))
@@ -62,10 +63,63 @@ def shard_dir(tmp_path: Path) -> Path:
     return data
 
 
+def preset_env(data: Path, log_dir: Path) -> dict[str, str]:
+    """The environment of a `test`-preset run on the shards in data, logging into log_dir."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(PRESET="test", TRAIN_FILES=str(data / "train_*.bin"), VAL_FILES=str(data / "val_*.bin"),
+               LOG_DIR=str(log_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.fixture
+def shard_dir(tmp_path: Path) -> Path:
+    """Two train shards and one val shard of synthetic documents."""
+    return write_shards(tmp_path)
+
+
 @pytest.fixture
 def run_env(shard_dir: Path, tmp_path: Path) -> dict[str, str]:
     """The environment of a `test`-preset run on the synthetic shards, logging into tmp_path/logs."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(PRESET="test", TRAIN_FILES=str(shard_dir / "train_*.bin"), VAL_FILES=str(shard_dir / "val_*.bin"),
-               LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
+    return preset_env(shard_dir, tmp_path / "logs")
+
+
+# The compiled runs that tests/test_train.py reads, {fixture name: (the test that reads it, its flags)}:
+# compiled_run: two batch phases, an extension with its own window, validations at both phases and in the extension,
+# and a final window of its own; compiled_cpu_run: the cpu preset's shapes (dim 128, 1024-token chunks), where
+# Inductor's code once gave non-finite gradients, a few steps on the synthetic shards.
+COMPILED_RUNS = {
+    "compiled_run": ("test_compiled_run_has_no_recompile_after_warmup", dict(
+        COMPILE="1", WARMUP="1", NUM_ITERATIONS="5", EXTENSION_ITERATIONS="1", BATCH_SCHEDULE="128,256",
+        LONG_WINDOWS="2,4", EXTENSION_WINDOW="6", FINAL_WINDOW="8", VAL_EVERY="2", ADAM_STEP_EVERY="2",
+        RUN_TAG="compiled")),
+    "compiled_cpu_run": ("test_compiled_cpu_preset_run_loss_falls", dict(
+        PRESET="cpu", COMPILE="1", NUM_ITERATIONS="8", VAL_EVERY="0", VAL_TOKENS="4096", VAL_BATCH_TOKENS="2048",
+        TRAIN_LOG_EVERY="1", RUN_TAG="compiled_cpu")),
+}
+
+
+def start_compiled_run(request, tmp_path_factory, name: str):
+    """Starts COMPILED_RUNS[name] before the session's first test when the test that reads it is selected:
+    torch.compile on CPU takes minutes, mostly on one core, so the run goes on beside the suite instead of adding to
+    its time. Yields (the process, its output file, its log folder), or None."""
+    test, flags = COMPILED_RUNS[name]
+    if not any(item.name == test for item in request.session.items):
+        yield None
+        return
+    root = tmp_path_factory.mktemp(name)
+    env = {**preset_env(write_shards(root), root / "logs"), **flags}
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen([sys.executable, "train_gpt.py"], env=env, cwd=REPO, stdout=out,
+                                   stderr=subprocess.STDOUT)
+        yield process, out, root / "logs"
+        process.kill()  # still running only when the test did not wait for it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_run(request, tmp_path_factory):
+    yield from start_compiled_run(request, tmp_path_factory, "compiled_run")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_cpu_run(request, tmp_path_factory):
+    yield from start_compiled_run(request, tmp_path_factory, "compiled_cpu_run")

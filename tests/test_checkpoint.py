@@ -24,7 +24,8 @@ import torch
 from torch.distributed import checkpoint as dcp
 
 import train_gpt as T
-from conftest import synthetic_tokens, write_test_shard
+from conftest import preset_env, synthetic_tokens, write_shards, write_test_shard
+from test_train import run_side_by_side
 
 REPO = Path(T.__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -91,19 +92,30 @@ RESUME_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory) -> dict[str, Path]:
+    """For every RESUME_CASES case, in its own folder: full/, an uninterrupted 10-step run with checkpoints at 6
+    and 10, and resumed/ (its checkpoints in resumed_ckpt/), the run resumed from full's step 6. The three full runs
+    side by side, then the three resumed ones."""
+    root = tmp_path_factory.mktemp("resume_runs")
+    env = preset_env(write_shards(root), root / "logs")
+    settings = {case: dict(NUM_ITERATIONS=10, CHECKPOINT_EVERY=6, VAL_EVERY=3, SAVE_CHECKPOINT=1, **extra)
+                for case, extra in RESUME_CASES.items()}
+    run_side_by_side({case: ckpt_env(env, root / case, "full", **settings[case]) for case in RESUME_CASES})
+    run_side_by_side({case: ckpt_env(env, root / case, "resumed", CHECKPOINT_DIR=root / case / "resumed_ckpt",
+                                     RESUME=root / case / "full" / only_log(root / case / "full").stem / "step_000006",
+                                     **settings[case]) for case in RESUME_CASES})
+    return {case: root / case for case in RESUME_CASES}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_resume_equals_uninterrupted_run_bit_for_bit(run_env, tmp_path, case):
-    settings = dict(NUM_ITERATIONS=10, CHECKPOINT_EVERY=6, VAL_EVERY=3, SAVE_CHECKPOINT=1, **RESUME_CASES[case])
-    run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "full", **settings))
-    full_log = only_log(tmp_path / "full")
-    folder = tmp_path / "full" / full_log.stem
+def test_resume_equals_uninterrupted_run_bit_for_bit(resume_runs, case):
+    runs, settings = resume_runs[case], RESUME_CASES[case]
+    full_log = only_log(runs / "full")
+    folder = runs / "full" / full_log.stem
     assert sorted(p.name for p in folder.iterdir()) == ["step_000006", "step_000010"]
-    started = time.perf_counter()
-    run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "resumed", RESUME=folder / "step_000006",
-                                                   CHECKPOINT_DIR=tmp_path / "resumed_ckpt", **settings))
-    print(f"resumed run: {time.perf_counter() - started:.1f} s")
-    resumed_log = only_log(tmp_path / "resumed")
+    resumed_log = only_log(runs / "resumed")
     text = resumed_log.read_text()
     resumed = json.loads(next(l for l in text.splitlines() if l.startswith("resumed: ")).removeprefix("resumed: "))
     assert resumed["from_log"] == full_log.stem and resumed["step"] == 6
@@ -115,7 +127,7 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(run_env, tmp_path, case):
         diags = lambda log: [l for l in log.read_text().splitlines() if l.startswith("diag: ")]
         after = [l for l in diags(full_log) if json.loads(l[6:])["step"] >= 6]
         assert diags(resumed_log) == after and len(after) == 4
-    assert_same_checkpoint(folder / "step_000010", tmp_path / "resumed_ckpt" / "step_000010")
+    assert_same_checkpoint(folder / "step_000010", runs / "resumed_ckpt" / "step_000010")
 
 
 @pytest.mark.slow
@@ -143,6 +155,10 @@ def test_resume_at_world2_equals_uninterrupted_run(run_env, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_pair_counts_as_one_run(run_env, tmp_path):
     settings = dict(NUM_ITERATIONS=40, SAVE_CHECKPOINT=1, CHECKPOINT_KEEP=1, CHECKPOINT_EVERY=10)
     env = ckpt_env(run_env, tmp_path, "logs", **settings)
+    # the uninterrupted run to compare with, side by side with the signalled one (one core each)
+    plain_env = ckpt_env(run_env, tmp_path, "plain", NUM_ITERATIONS=40)
+    plain = subprocess.Popen([sys.executable, "train_gpt.py"], env=plain_env, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
     process = subprocess.Popen([sys.executable, "train_gpt.py"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
@@ -162,7 +178,7 @@ def test_sigterm_saves_a_checkpoint_and_the_pair_counts_as_one_run(run_env, tmp_
     run([sys.executable, "train_gpt.py"], {**env, "RESUME": str(folder)})  # the folder: its newest checkpoint
     second = [log for log in (tmp_path / "logs").glob("*.txt") if log != first][0]
     assert sorted(p.name for p in folder.iterdir()) == ["step_000040"]  # continued in the same folder
-    run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "plain", NUM_ITERATIONS=40))
+    assert plain.wait(timeout=300) == 0, plain.stderr.read()[-3000:]
     assert final(second)["val_loss"] == final(only_log(tmp_path / "plain"))["val_loss"]
     report = run([sys.executable, "records/validate.py", "--json", "--target", "20", str(tmp_path / "logs")],
                  env, ok=False)
@@ -339,11 +355,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SIX_STEPS = dict(NUM_ITERATIONS=6, VAL_EVERY=3, BATCH_CHUNKS=2)  # the runs the next tests compare
+
+
+@pytest.fixture(scope="module")
+def one_node_world2(tmp_path_factory) -> Path:
+    """The log of a single-node world-2 run of SIX_STEPS, the reference of the two-node run and of world 1: one
+    launch for both tests."""
+    root = tmp_path_factory.mktemp("one_node_world2")
+    run(STANDALONE_2 + ["train_gpt.py"], ckpt_env(preset_env(write_shards(root), root / "logs"), root, "single",
+                                                  **SIX_STEPS))
+    return only_log(root / "single")
+
+
 @pytest.mark.slow
-def test_two_nodes_over_c10d_equal_one_node_world2(run_env, tmp_path):
+def test_two_nodes_over_c10d_equal_one_node_world2(run_env, tmp_path, one_node_world2):
     """Two torchrun agents (one process each) meet over the c10d rendezvous as two nodes would; the run writes
     one log (global rank 0) and its loss lines equal a single-node world-2 run's."""
-    settings = dict(NUM_ITERATIONS=6, VAL_EVERY=3)
+    settings = SIX_STEPS
     port = free_port()
     node = TORCHRUN + ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
                        f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes", "train_gpt.py"]
@@ -357,9 +386,8 @@ def test_two_nodes_over_c10d_equal_one_node_world2(run_env, tmp_path):
     log = only_log(tmp_path / "nodes")  # one log: only global rank 0 writes
     config = json.loads(next(l for l in log.read_text().splitlines() if l.startswith("config: "))[8:])
     assert config["world_size"] == 2
-    run(STANDALONE_2 + ["train_gpt.py"], ckpt_env(run_env, tmp_path, "single", **settings))
-    assert loss_lines(log) == loss_lines(only_log(tmp_path / "single"))
-    assert final(log)["val_loss"] == final(only_log(tmp_path / "single"))["val_loss"]
+    assert loss_lines(log) == loss_lines(one_node_world2)
+    assert final(log)["val_loss"] == final(one_node_world2)["val_loss"]
 
 
 # ---- faults ----
@@ -416,17 +444,14 @@ def test_a_dead_or_hung_rank_ends_the_job_in_bounded_time(run_env, tmp_path, fau
 # ---- determinism ----
 
 @pytest.mark.slow
-def test_same_seed_same_loss_lines_and_world2_close_to_world1(run_env, tmp_path):
-    settings = dict(NUM_ITERATIONS=6, VAL_EVERY=3, BATCH_CHUNKS=2)
-    for name in ("a", "b"):
-        run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, name, **settings))
+def test_same_seed_same_loss_lines_and_world2_close_to_world1(run_env, tmp_path, one_node_world2):
+    run_side_by_side({name: ckpt_env(run_env, tmp_path, name, **SIX_STEPS, **seed)
+                      for name, seed in (("a", {}), ("b", {}), ("seed1", dict(SEED=1)))})
     a, b = only_log(tmp_path / "a"), only_log(tmp_path / "b")
     assert loss_lines(a) == loss_lines(b) and len(loss_lines(a)) == 9
     assert final(a)["val_loss"] == final(b)["val_loss"]
-    run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "seed1", SEED=1, **settings))
     assert final(only_log(tmp_path / "seed1"))["val_loss"] != final(a)["val_loss"]  # the seed does reach the init
-    run(STANDALONE_2 + ["train_gpt.py"], ckpt_env(run_env, tmp_path, "w2", **settings))
-    w2 = only_log(tmp_path / "w2")
+    w2 = one_node_world2
     # the same chunks, their gradients averaged in another order: equal up to fp32 rounding carried through 6 steps
     # (measured: 0.0 difference at the logged 4 and the final 6 decimals; bounds of a few last-digit units)
     one = [float(l.split("loss:")[1]) for l in loss_lines(a)]

@@ -2,13 +2,13 @@
 step size against a hand computation, world 2 against world 1, and short runs whose loss falls."""
 
 import json
-import sys
 
 import pytest
 import torch
 
 import train_gpt as T
-from test_train import TORCHRUN, parse_log, run
+from conftest import preset_env, write_shards
+from test_train import parse_log, run_side_by_side, world1_and_world2
 
 
 def exact_polar(g):
@@ -156,24 +156,34 @@ def test_momo_needs_one_gradient_per_step():
         T.parse_env({"PRESET": "speedrun", "MOMO": "1"}, cuda_available=True)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("env, steps, matrix_tolerance", [
-    (dict(OPTIMIZER="muonmax"), 4, 1e-2),
-    (dict(OPTIMIZER="adamw", MOMO="1", MOMO_LB="10.7"), 4, 1e-2),
+WORLD_CASES = {  # name: (env, steps, matrix_tolerance)
+    "muonmax": (dict(OPTIMIZER="muonmax"), 4, 1e-2),
+    "adamw-momo": (dict(OPTIMIZER="adamw", MOMO="1", MOMO_LB="10.7"), 4, 1e-2),
     # Momo with an orthogonalizing optimizer is compared after 2 steps: the polar factor of the near-zero gradients
     # of zero-initialized matrices turns the 1e-7 difference of Momo's all-reduced sums (summed in another order)
     # into ~10-20% of a matrix's movement by step 4 (measured; without Momo both worlds are bit-identical); MuonMax's
     # matrices barely move in 2 steps (its step grows with the gradient, ~0 at init): measured 1.7e-2 of that
-    (dict(OPTIMIZER="muonmax", MOMO="1", MOMO_LB="10.8"), 2, 5e-2),  # smaller steps than NorMuon's: a closer bound
-    (dict(OPTIMIZER="normuon", MOMO="1", MOMO_LB="10.7"), 2, 1e-2),
-], ids=["muonmax", "adamw-momo", "muonmax-momo", "normuon-momo"])
-def test_world2_equals_world1(run_env, tmp_path, env, steps, matrix_tolerance):
+    "muonmax-momo": (dict(OPTIMIZER="muonmax", MOMO="1", MOMO_LB="10.8"), 2, 5e-2),  # smaller steps than NorMuon's:
+    "normuon-momo": (dict(OPTIMIZER="normuon", MOMO="1", MOMO_LB="10.7"), 2, 1e-2),  # a closer bound
+}
+
+
+@pytest.fixture(scope="module")
+def world_runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """Every case of test_world2_equals_world1 in one world-1 and one world-2 launch."""
+    # MUONMAX_LR=0.3: matrices move visibly in 4 steps
+    cases = {name: dict(steps=steps, env={**env, "BATCH_CHUNKS": "2", "MUONMAX_LR": "0.3"})
+             for name, (env, steps, _) in WORLD_CASES.items()}
+    return world1_and_world2(tmp_path_factory.mktemp("world_runs"), cases)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(WORLD_CASES))
+def test_world2_equals_world1(world_runs, case):
     """The same steps at world 2 (gloo) as at world 1: MuonMax's all-reduced dual norm, Momo's all-reduced model
     (MOMO_LB near the loss, so that its scale is below 1 and depends on every term)."""
-    env = {**run_env, **env, "BATCH_CHUNKS": "2", "MUONMAX_LR": "0.3"}  # matrices move visibly in 4 steps
-    run([sys.executable, "tests/dist_worker.py", str(tmp_path / "w1.pt"), str(steps)], env)
-    run(TORCHRUN + ["tests/dist_worker.py", str(tmp_path / "w2.pt"), str(steps)], env)
-    one, two = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
+    matrix_tolerance = WORLD_CASES[case][2]
+    one, two = world_runs[case]
     torch.manual_seed(0)  # setup() seeds with SEED (0) before it builds the model: the same initial weights
     start = T.GPT(T.parse_env({"PRESET": "test"}, False)[0]).state_dict()
     matrices = [name for name in one["params"] if name.endswith(("qkvo_w", "c_fc", "c_proj"))]
@@ -193,15 +203,27 @@ def test_world2_equals_world1(run_env, tmp_path, env, steps, matrix_tolerance):
         assert abs(a - b) < 1e-4
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["normuon", "muon", "muonmax", "adamw"])
-def test_momo_run_of_each_optimizer_loss_falls(run_env, tmp_path, optimizer):
+MOMO_OPTIMIZERS = ["normuon", "muon", "muonmax", "adamw"]
+
+
+@pytest.fixture(scope="module")
+def momo_logs(tmp_path_factory) -> dict[str, dict]:
+    """The parsed log of test_momo_run_of_each_optimizer_loss_falls's run of each optimizer, the four side by
+    side."""
+    root = tmp_path_factory.mktemp("momo_runs")
+    data = write_shards(root)
     # MUONMAX_LR=0.3: MuonMax's step grows with the gradient, ~0 at init, so the default (chosen on the cpu preset)
     # moves the test preset's matrices too little in 24 steps (measured: val 10.83 -> 10.48 in 16 steps at 0.3)
-    env = {**run_env, "OPTIMIZER": optimizer, "MOMO": "1", "NUM_ITERATIONS": "24", "VAL_EVERY": "24",
-           "TRAIN_LOG_EVERY": "6", "RUN_TAG": "momo", "MUONMAX_LR": "0.3"}
-    run([sys.executable, "train_gpt.py"], env)
-    log = parse_log(next((tmp_path / "logs").glob("*_momo_*.txt")))
+    run_side_by_side({optimizer: {**preset_env(data, root / optimizer), "OPTIMIZER": optimizer, "MOMO": "1",
+                                  "NUM_ITERATIONS": "24", "VAL_EVERY": "24", "TRAIN_LOG_EVERY": "6", "RUN_TAG": "momo",
+                                  "MUONMAX_LR": "0.3"} for optimizer in MOMO_OPTIMIZERS})
+    return {optimizer: parse_log(next((root / optimizer).glob("*_momo_*.txt"))) for optimizer in MOMO_OPTIMIZERS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", MOMO_OPTIMIZERS)
+def test_momo_run_of_each_optimizer_loss_falls(momo_logs, optimizer):
+    log = momo_logs[optimizer]
     vals = [float(line.split("val_loss:")[1].split()[0]) for line in log["vals"]]
     assert vals[-1] < vals[0] - 0.3
     scales = [float(line.split("momo_scale:")[1].split()[0]) for line in log["trains"]]

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import train_gpt as T
+from conftest import preset_env, write_shards
 
 REPO = Path(T.__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -20,6 +22,45 @@ def run(cmd, env, timeout=300):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def run_side_by_side(envs: dict[str, dict], timeout=300) -> dict[str, str]:
+    """train_gpt.py once per env ({name: env}), all at once: single-threaded processes, so on 2 cores n runs take
+    the wall time of ~n / 2 (starting one costs more than the few steps it trains). Returns {name: its stdout}."""
+    runs = {}
+    for name, env in envs.items():
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        runs[name] = (subprocess.Popen([sys.executable, "train_gpt.py"], env=env, cwd=REPO, stdout=out, stderr=err),
+                      out, err)
+    stdouts = {}
+    for name, (process, out, err) in runs.items():
+        returncode = process.wait(timeout=timeout)
+        out.seek(0)
+        err.seek(0)
+        stdouts[name] = out.read()
+        assert returncode == 0, f"{name}: {stdouts[name][-3000:]}{err.read()[-3000:]}"
+    return stdouts
+
+
+def world1_and_world2(root: Path, cases: dict[str, dict]) -> dict[str, tuple[dict, dict]]:
+    """Every case of tests/dist_worker.py ({name: {"steps": n, "env": {...}}}) on fresh shards in root, at world 1
+    (plain python) and at world 2 (torchrun, gloo): two launches for all the cases, side by side (starting a
+    process costs more than a case's steps). Returns {name: (world-1 result, world-2 result)}."""
+    env = preset_env(write_shards(root), root / "logs")
+    launches = {}
+    try:
+        for world, command in ((1, [sys.executable]), (2, TORCHRUN)):
+            (root / f"world{world}").mkdir()
+            with open(root / f"world{world}.out", "w") as out:
+                launches[world] = subprocess.Popen(
+                    command + ["tests/dist_worker.py", str(root / f"world{world}"), json.dumps(cases)],
+                    env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        for world, process in launches.items():
+            assert process.wait(timeout=600) == 0, (root / f"world{world}.out").read_text()[-3000:]
+    finally:  # after a failure: torchrun passes SIGTERM on to its ranks
+        for process in launches.values():
+            process.terminate()
+    return {name: tuple(torch.load(root / f"world{world}" / f"{name}.pt") for world in (1, 2)) for name in cases}
 
 
 def parse_log(path: Path) -> dict:
@@ -36,12 +77,22 @@ def value(line: str, key: str) -> float:
     return float(line.split(f"{key}:")[1].split()[0].removesuffix("ms"))
 
 
+@pytest.fixture(scope="module")
+def e2e_runs(tmp_path_factory) -> dict[str, tuple[str, Path]]:
+    """test_test_preset_run_loss_falls_and_log_parses's run of each optimizer, side by side: {optimizer: (its
+    stdout, its log folder)}."""
+    root = tmp_path_factory.mktemp("e2e_runs")
+    data = write_shards(root)
+    envs = {optimizer: {**preset_env(data, root / optimizer), "OPTIMIZER": optimizer, "NUM_ITERATIONS": "24",
+                        "VAL_EVERY": "12", "RUN_TAG": "e2e"} for optimizer in ("adamw", "normuon")}
+    return {optimizer: (stdout, root / optimizer) for optimizer, stdout in run_side_by_side(envs).items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "normuon"])
-def test_test_preset_run_loss_falls_and_log_parses(run_env, tmp_path, optimizer):
-    env = {**run_env, "OPTIMIZER": optimizer, "NUM_ITERATIONS": "24", "VAL_EVERY": "12", "RUN_TAG": "e2e"}
-    out = run([sys.executable, "train_gpt.py"], env)
-    logs = list((tmp_path / "logs").glob("*_e2e_*.txt"))
+def test_test_preset_run_loss_falls_and_log_parses(e2e_runs, optimizer):
+    stdout, log_dir = e2e_runs[optimizer]
+    logs = list(log_dir.glob("*_e2e_*.txt"))
     assert len(logs) == 1
     log = parse_log(logs[0])
     assert log["source"] == (REPO / "train_gpt.py").read_text()
@@ -55,31 +106,39 @@ def test_test_preset_run_loss_falls_and_log_parses(run_env, tmp_path, optimizer)
     assert log["lines"][-2].startswith("peak memory allocated: ") and log["lines"][-2].endswith(" MiB")
     assert log["final"]["status"] == "complete" and log["final"]["step"] == 24
     assert abs(log["final"]["val_loss"] - last) < 1e-4
-    assert "step:24/24 val_loss:" in out.stdout
+    assert "step:24/24 val_loss:" in stdout
+
+
+@pytest.fixture(scope="module")
+def world_runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """test_world2_equals_world1's runs, both optimizers in one world-1 and one world-2 launch: 2 steps from the
+    seeded init plus noise (dist_worker's perturb), so that every parameter has a gradient from the first step (from
+    #48's init, with its zero lm_head, only lm_head moves in 2 steps) and the Adam groups step once, on two steps'
+    gradients. Not more steps: the runs' own dynamics grow a last-bit difference ~10x a step (NorMuon's
+    |w2 - w1| / |w1 - w0| measured 0, 2.8e-5, 3.0e-4, 2.0e-2 after 1-4 steps; #48's init: 2.1e-2 after 4 on an
+    AVX-only EPYC, 3.3e-4 on an AVX-512 machine)."""
+    cases = {optimizer: dict(steps=2, perturb=0.02, env=dict(OPTIMIZER=optimizer, BATCH_CHUNKS="4",
+                                                              BATCH_SCHEDULE="256", ADAM_STEP_EVERY="2"))
+             for optimizer in ("adamw", "normuon")}
+    return world1_and_world2(tmp_path_factory.mktemp("world_runs"), cases)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "normuon"])
-def test_world2_equals_world1(run_env, tmp_path, optimizer):
+def test_world2_equals_world1(world_runs, optimizer):
     """The whole step at world 2 (gloo: 2 micro-batches per rank) against world 1 (4 micro-batches), with the Adam
     groups stepping every second step on two steps' gradients. The chunks are the same; only the order in which
     the 4 chunk gradients are summed differs ((c0 + c1) + (c2 + c3) against ((c0 + c1) + c2) + c3)."""
-    env = {**run_env, "OPTIMIZER": optimizer, "BATCH_CHUNKS": "4", "BATCH_SCHEDULE": "256", "ADAM_STEP_EVERY": "2"}
-    run([sys.executable, "tests/dist_worker.py", str(tmp_path / "w1.pt"), "4"], env)
-    run(TORCHRUN + ["tests/dist_worker.py", str(tmp_path / "w2.pt"), "4"], env)
-    one, two = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
-    torch.manual_seed(0)  # setup() seeds with SEED (0) before it builds the model: the same initial weights
-    fresh = T.GPT(T.parse_env({"PRESET": "test"}, False)[0])
-    start = torch.cat([p.flatten() for p in fresh.state_dict().values()])
-    w1 = torch.cat([p.flatten() for p in one["params"].values()])
-    w2 = torch.cat([p.flatten() for p in two["params"].values()])
-    # fp32 sums in another order differ in the last bits; Adam turns that into a sign flip where a gradient is
-    # ~0, and bf16 Polar Express of the near-zero gradients of zero-initialized matrices into larger differences.
-    # Measured |w2 - w1| / |w1 - w0|: 6.6e-5 (adamw), 3.3e-4 (normuon); a gradient reduced after the wrong
-    # micro-batch is off by O(1)
+    one, two = world_runs[optimizer]
+    flat = lambda params: torch.cat([p.flatten() for p in params.values()])
+    start, w1, w2 = flat(one["start"]), flat(one["params"]), flat(two["params"])
+    assert torch.equal(start, flat(two["start"]))
+    # fp32 sums in another order differ in the last bits: measured 2.9e-6 (adamw), 2.8e-5 (normuon); the reduce
+    # launched after the first micro-batch instead of the last: 0.58 (adamw, normuon)
     print(f"|w2 - w1| / |w1 - w0| = {((w2 - w1).norm() / (w1 - start).norm()).item():.2e}")
     assert (w2 - w1).norm() <= 1e-3 * (w1 - start).norm()
-    assert one["params"]["embed.weight"].sub(fresh.embed.weight).abs().max() > 0  # training moved the params
+    for name in ("embed.weight", "value_embeds.0.weight", "lm_head", "scalars", "blocks.1.mlp.c_proj"):
+        assert not torch.equal(one["params"][name], one["start"][name]), name  # every kind of parameter moved
     for a, b in zip(one["losses"], two["losses"]):
         assert abs(a - b) < 1e-5
 
@@ -115,7 +174,7 @@ CLOSE_WORKER = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
 def test_close_distributed_ends_the_gloo_threads(run_env, tmp_path):
-    """A group that outlives close_distributed keeps gloo's workers running into interpreter shutdown,
+    """Issue 19: a group that outlives close_distributed keeps gloo's workers running into interpreter shutdown,
     where a worker freeing a finished work's tensors needs the GIL and aborts the rank (SIGABRT, `terminate called
     without an active exception`) after a complete run."""
     script, out = tmp_path / "close_worker.py", str(tmp_path / "threads")
@@ -161,18 +220,36 @@ def test_warmup_restores_every_state(run_env, optimizer):
 
 
 @pytest.mark.slow
-def test_compiled_run_has_no_recompile_after_warmup(run_env, tmp_path):
+def test_compiled_run_has_no_recompile_after_warmup(compiled_run):
     """COMPILE=1 on CPU: the model compiles fullgraph, and warmup covers every shape and window the run uses (two
     batch phases, the extension's window, every validation's windows, the final one), so the log carries no
-    recompile warning. The detector itself is checked by the next test."""
-    env = {**run_env, "COMPILE": "1", "WARMUP": "1", "NUM_ITERATIONS": "5", "EXTENSION_ITERATIONS": "1",
-           "BATCH_SCHEDULE": "128,256", "LONG_WINDOWS": "2,4", "EXTENSION_WINDOW": "6", "FINAL_WINDOW": "8",
-           "VAL_EVERY": "2", "ADAM_STEP_EVERY": "2", "RUN_TAG": "compiled"}
-    run([sys.executable, "train_gpt.py"], env, timeout=600)
-    log = parse_log(next((tmp_path / "logs").glob("*_compiled_*.txt")))
+    recompile warning (flags: conftest.COMPILED_RUNS). The detector itself is checked by test_recompile_detector."""
+    log = finished_log(compiled_run, "compiled")
     assert log["config"]["compile"] is True and log["final"]["status"] == "complete"
     assert not [line for line in log["lines"] if line.startswith("warning:")]
     assert [line.split()[0] for line in log["vals"]] == ["step:0/5", "step:2/5", "step:4/5", "step:5/5"]
+
+
+def finished_log(background_run, tag: str) -> dict:
+    """The parsed log of one of conftest's background runs, once it has ended with exit code 0."""
+    process, out, log_dir = background_run
+    returncode = process.wait(timeout=900)
+    out.seek(0)
+    assert returncode == 0, out.read()[-6000:]
+    return parse_log(next(log_dir.glob(f"*_{tag}_*.txt")))
+
+
+@pytest.mark.slow
+def test_compiled_cpu_preset_run_loss_falls(compiled_cpu_run):
+    """COMPILE=1 on the cpu preset's shapes once stopped at step 2 with a non-finite loss (Inductor's code for a
+    masked softmax filled with -inf, on an AVX-512 CPU): now every train loss is finite and validation falls (flags:
+    conftest.COMPILED_RUNS)."""
+    log = finished_log(compiled_cpu_run, "compiled_cpu")
+    assert log["config"]["compile"] is True and log["final"]["status"] == "complete"
+    trains = [value(line, "train_loss") for line in log["trains"]]
+    vals = [value(line, "val_loss") for line in log["vals"]]
+    assert len(trains) == 8 and all(math.isfinite(loss) for loss in trains)
+    assert len(vals) == 2 and vals[-1] < vals[0] - 0.1, vals  # measured 10.83 -> 10.62 in the 8 steps
 
 
 def test_recompile_detector_counts_new_graphs():
