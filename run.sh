@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# ./run.sh [train|test|data|bench|validate|help] [args...]  - sets up what is missing, then runs. See README.md.
+# ./run.sh [train|test|smoke|data|bench|validate|help] [args...]  - sets up what is missing, then runs. See README.md.
 #   train (default)  the speedrun with torchrun on every GPU, or the `cpu` preset on the embedded corpus without one;
 #                    flags are env vars (NORM=derf ./run.sh), listed by `./run.sh train --help`
 #   test             installs the test requirements and runs the pytest suite (args go to pytest)
+#   smoke            the first run on a GPU: python bench/smoke.py (cuda tests, compiled vs eager gradients, the
+#                    speedrun's phases timed, MFU, memory; one verdict line each) on the embedded corpus; no GPU: one line
 #   data             FineWeb shards with GPUs (args: number of train shards, default 9); the embedded corpus without
-#   bench            runs every script in bench/ with the args (each prints figures measured side by side; --quick:
+#   bench            runs every script in bench/ but smoke.py with the args (each prints figures measured side by side; --quick:
 #                    tiny shapes on synthetic data, what tests/test_bench.py runs)
 #   validate         python records/validate.py with the args (default: logs/)
 #   help             this text (also -h, --help)
@@ -151,12 +153,12 @@ case "$command" in
         choose_python
         check_version "$PY" "$([ "$PY" = "$VENV/bin/python" ] && echo "$VENV was made from it: rm -rf $VENV first")"
         ;;
-    test|data|bench|validate)
+    test|smoke|data|bench|validate)
         choose_python
         check_version "$PY" "$([ "$PY" = "$VENV/bin/python" ] && echo "$VENV was made from it: rm -rf $VENV first")"
         ;;
     *)
-        die "unknown command '$command'; use one of: train, test, data, bench, validate, help"
+        die "unknown command '$command'; use one of: train, test, smoke, data, bench, validate, help"
         ;;
 esac
 
@@ -184,6 +186,16 @@ case "$command" in
         "$PY" -c "import pytest, matplotlib" 2>/dev/null || pip_install -r tests/requirements.txt
         exec "$PY" -m pytest -q "$@"
         ;;
+    smoke)
+        ensure_requirements
+        if [ "$(num_gpus)" -gt 0 ] && [[ " $* " != *" --quick "* ]]; then
+            # the embedded corpus, not FineWeb: no network needed (without its tokenizer files the smoke falls back
+            # to random documents and says so)
+            ensure_pip
+            "$PY" data/build_corpus.py || echo "run.sh: no embedded corpus: the smoke trains on random documents"
+        fi
+        exec "$PY" bench/smoke.py "$@"
+        ;;
     data)
         ensure_requirements
         get_data "$@"
@@ -198,6 +210,7 @@ case "$command" in
             fi
         fi
         for script in bench/*.py; do
+            [ "$script" = bench/smoke.py ] && continue  # ./run.sh smoke: checks first, then times
             echo "== $script"
             "$PY" "$script" "$@"
         done

@@ -260,6 +260,24 @@ def test_train_help_with_the_real_python(tmp_path):
         assert "include-system-site-packages = true" in (repo / ".venv" / "pyvenv.cfg").read_text()
 
 
+def test_smoke_without_a_gpu_is_one_line_and_exit_0(tmp_path):
+    """`./run.sh smoke` on a machine with no GPU: set up, then one line saying there is nothing to check."""
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    for name in ("run.sh", "train_gpt.py", "requirements.txt", "bench/smoke.py", "bench/step.py"):
+        shutil.copy2(REPO / name, repo / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", "run.sh", "smoke"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("smoke: no CUDA GPU here: nothing to check")
+    assert not (repo / "data").exists() and not (repo / "logs").exists()
+
+
 # ---- data: what the headers tell, at setup; a bad shard met during training ----
 
 
