@@ -243,6 +243,31 @@ def test_flex_attention_matches_dense_attention_on_cuda():
         torch.testing.assert_close(flex, dense, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.cuda
+def test_flex_attention_backward_matches_dense_attention_inside_a_compiled_graph_on_cuda():
+    """The speedrun's attention shapes (6 heads of 128, a 2048-token packed sequence): the BlockMask built from the
+    document ids inside a compiled fullgraph function, as the compiled model builds it, forward and the gradients of
+    q, k and v against dense attention in fp32 on the same bf16 inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    T.prepare_attention(torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad = (torch.randn(1, 2048, 6, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+                     for _ in range(4))
+    docs = packed_docs(2048, seed=4, mean_doc=500).cuda()
+    for window in (384, 1408):  # #48's short and long windows of the first phase, in tokens (3 and 11 blocks)
+        flex = torch.compile(lambda q, k, v, docs: T.flex_attention(q, k, v, T.flex_block_mask(docs, window), 0.1),
+                             fullgraph=True, dynamic=False)
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        flex(*inputs, docs).backward(grad)
+        reference = [t.float().requires_grad_() for t in (q, k, v)]
+        dense = T.dense_attention(*reference, T.document_window_mask(docs, window), 0.1)
+        dense.backward(grad.float())
+        torch.testing.assert_close(flex(q, k, v, docs).float(), dense, rtol=2e-2, atol=2e-2)
+        for got, want in zip(inputs, reference):  # bf16 gradients: a few bf16 ulps of fp32's
+            torch.testing.assert_close(got.grad.float(), want.grad, rtol=2e-2, atol=2e-2)
+
+
 def trained_like_model(smear=True):
     """The test-preset model with every zero-initialized weight (head, output projections, gates) made random, so
     that every path carries signal; smear=False zeroes the smear lambda (the one path from a token to the next

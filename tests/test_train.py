@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train_gpt as T
+import conftest
 from conftest import preset_env, write_shards
 
 REPO = Path(T.__file__).resolve().parent
@@ -264,15 +265,16 @@ def test_recompile_detector_counts_new_graphs():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [dict(ADAM_STEP_EVERY="2"), dict(OPTIMIZER="muonmax", MOMO="1")],
-                         ids=["normuon", "muonmax-momo"])
+@pytest.mark.parametrize("variant", [dict(ADAM_STEP_EVERY="2"), dict(OPTIMIZER="muonmax", MOMO="1"),
+                                     dict(ADAM_STEP_EVERY="2", COMPILE="1", FP8="1")],
+                         ids=["normuon", "muonmax-momo", "compiled-fp8"])
 def test_training_step_has_no_host_sync_on_cuda(run_env, variant):
-    """A whole step (packed chunks to the GPU, forward, backward, the optimizers, Momo's all-reduced model) runs
-    under CUDA's sync debug mode set to error: any operation that waits for the device raises. The first steps are
-    outside (lazy state and compile)."""
+    """A whole step (packed chunks to the GPU, forward, backward, the optimizers, Momo's all-reduced model; and the
+    compiled model with the FP8 head, as a speedrun runs it) runs under CUDA's sync debug mode set to error: any
+    operation that waits for the device raises. The first steps are outside (lazy state and compile)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    hp, launch = T.parse_env({**run_env, **variant, "COMPILE": "0", "FP8": "0"}, cuda_available=True)
+    hp, launch = T.parse_env({**run_env, "COMPILE": "0", "FP8": "0", **variant}, cuda_available=True)
     device = torch.device("cuda", 0)
     state = T.setup(T.resolve_auto(hp, device), launch, device)
     T.train_step(state, 0)
@@ -284,3 +286,23 @@ def test_training_step_has_no_host_sync_on_cuda(run_env, variant):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.cuda
+def test_compiled_test_preset_on_cuda_has_no_recompile_after_warmup(run_env):
+    """The compiled model on CUDA (FlexAttention, FP8 head where the GPU has it): after warmup, every training step
+    of the run and every validation window add no graph."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    flags = {k: v for k, v in conftest.COMPILED_RUNS["compiled_run"][1].items() if k != "RUN_TAG"}
+    hp, launch = T.parse_env({**run_env, **flags}, cuda_available=True)
+    device = torch.device("cuda", 0)
+    state = T.setup(T.resolve_auto(hp, device), launch, device)
+    T.warmup(state)
+    graphs = T.compiled_graphs()
+    losses = [T.train_step(state, step) for step in range(hp.num_iterations)]
+    for windows in T.validation_windows(hp):
+        state.model.windows = windows
+        assert math.isfinite(T.evaluate(state))
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert T.compiled_graphs() == graphs
