@@ -4,6 +4,7 @@ Every run is a `test`-preset subprocess on synthetic shards. A resumed run is co
 bit for bit: the loss lines after the resume point, and every tensor of the two runs' final checkpoints (model,
 optimizer shards, schedule, loader, Momo, RNG)."""
 
+import concurrent.futures
 import enum
 import io
 import json
@@ -190,39 +191,48 @@ def test_sigterm_saves_a_checkpoint_and_the_pair_counts_as_one_run(run_env, tmp_
     assert runs == []
 
 
-def test_refusals_name_the_input(run_env, tmp_path):
-    settings = dict(NUM_ITERATIONS=4, SAVE_CHECKPOINT=1)
-    run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "full", **settings))
-    step4 = next((tmp_path / "full").glob("*/step_000004"))
-    differ = run([sys.executable, "train_gpt.py"],
-                 ckpt_env(run_env, tmp_path, "a", RESUME=step4, NUM_ITERATIONS=6, MODEL_DIM=64, NUM_HEADS=2),
-                 ok=False)
-    assert differ.returncode == 2
-    assert "NUM_ITERATIONS=4 in the checkpoint, 6 now" in differ.stderr and "MODEL_DIM=32" in differ.stderr
-    assert "NUM_HEADS" in differ.stderr and "LOG_DIR" in differ.stderr  # and what may change
-    missing = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "b", RESUME=tmp_path / "nowhere"),
-                  ok=False)
-    assert missing.returncode == 2 and f"RESUME={tmp_path / 'nowhere'}: not a checkpoint" in missing.stderr
+def test_refusals_name_the_input(small_checkpoint, tmp_path):
+    env, step2 = small_checkpoint  # a 2-step run's checkpoint (NUM_ITERATIONS=2, MODEL_DIM=32)
     cut = tmp_path / "cut" / "step_000002"
     cut.mkdir(parents=True)
-    partial = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "c", RESUME=cut.parent), ok=False)
-    assert partial.returncode == 2 and "no complete checkpoint" in partial.stderr
-    partial = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "c", RESUME=cut), ok=False)
-    assert partial.returncode == 2 and "an incomplete checkpoint" in partial.stderr
     # a shard file of the right size with damaged bytes passes the check before work; torch.distributed.checkpoint's
     # error at load (a BaseException) still ends in a clear exit 2 (a truncated file is refused earlier: see below)
-    damaged = tmp_path / "damaged" / "step_000004"
-    shutil.copytree(step4, damaged)
+    damaged = tmp_path / "damaged" / "step_000002"
+    shutil.copytree(step2, damaged)
     size = (damaged / "__0_0.distcp").stat().st_size
     (damaged / "__0_0.distcp").write_bytes(bytes(size // 2) + (damaged / "__0_0.distcp").read_bytes()[size // 2:])
-    broken = run([sys.executable, "train_gpt.py"], ckpt_env(run_env, tmp_path, "e", RESUME=damaged, **settings),
-                 ok=False)
-    assert broken.returncode == 2 and f"RESUME={damaged}: cannot load" in broken.stderr
+    train = [sys.executable, "train_gpt.py"]
+    logs = lambda name, **extra: {**env, "LOG_DIR": str(tmp_path / name), **{k: str(v) for k, v in extra.items()}}
+    results = run_many({  # side by side: each is mostly the start of a process
+        "differ": (train, logs("a", RESUME=step2, NUM_ITERATIONS=6, MODEL_DIM=64, NUM_HEADS=2)),
+        "missing": (train, logs("b", RESUME=tmp_path / "nowhere")),
+        "partial folder": (train, logs("c", RESUME=cut.parent)),
+        "partial step": (train, logs("c2", RESUME=cut)),
+        "broken": (train, logs("e", RESUME=damaged, SAVE_CHECKPOINT=1)),
+        "uneven": (train + ["--check"], logs("d", SAVE_CHECKPOINT=1, CHECKPOINT_EVERY=3, ADAM_STEP_EVERY=2)),
+    })
+    assert all(result.returncode == 2 for result in results.values()), {k: r.stderr[-500:] for k, r in results.items()}
+    differ = results["differ"].stderr
+    assert "NUM_ITERATIONS=2 in the checkpoint, 6 now" in differ and "MODEL_DIM=32" in differ
+    assert "NUM_HEADS" in differ and "LOG_DIR" in differ  # and what may change
+    assert f"RESUME={tmp_path / 'nowhere'}: not a checkpoint" in results["missing"].stderr
+    assert "no complete checkpoint" in results["partial folder"].stderr
+    assert "an incomplete checkpoint" in results["partial step"].stderr
+    assert f"RESUME={damaged}: cannot load" in results["broken"].stderr
     assert only_log(tmp_path / "e").read_text().splitlines()[-1].startswith('stopped: {"reason": "resume failed')
-    uneven = run([sys.executable, "train_gpt.py", "--check"],
-                 ckpt_env(run_env, tmp_path, "d", SAVE_CHECKPOINT=1, CHECKPOINT_EVERY=3, ADAM_STEP_EVERY=2), ok=False)
-    assert uneven.returncode == 2 and "CHECKPOINT_EVERY=3: expected a multiple of ADAM_STEP_EVERY=2" in uneven.stderr
+    assert "CHECKPOINT_EVERY=3: expected a multiple of ADAM_STEP_EVERY=2" in results["uneven"].stderr
     assert not (tmp_path / "a").exists() or not list((tmp_path / "a").glob("*.txt"))  # refused before any log
+
+
+def run_many(jobs: dict[str, tuple[list, dict]], timeout=300) -> dict[str, subprocess.CompletedProcess]:
+    """Every {name: (command, env)} at once, in the repo; waits for all."""
+    started = {name: subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for name, (cmd, env) in jobs.items()}
+    results = {}
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=timeout)
+        results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return results
 
 
 def test_prune_keeps_the_newest_up_to_the_step_saved(tmp_path):
@@ -417,28 +427,50 @@ def start_long_world2(run_env, tmp_path, timeout_s: int) -> tuple[subprocess.Pop
     raise AssertionError("the run ended before step 5: " + agent.stderr.read()[-2000:])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fault", ["killed", "hung"])
-def test_a_dead_or_hung_rank_ends_the_job_in_bounded_time(run_env, tmp_path, fault):
-    """A rank killed mid-run (SIGKILL) or hung (SIGSTOP): rank 0's next collective fails, at once for a dead peer
-    or after DIST_TIMEOUT for a silent one; its log ends with a `stopped:` line, and torchrun ends the job
-    (SIGTERM, then SIGKILL after its 30 s grace for a stopped process)."""
-    timeout_s = 8
-    agent, worker = start_long_world2(run_env, tmp_path, timeout_s)
+FAULT_TIMEOUT_S = 8  # DIST_TIMEOUT of the fault runs
+
+
+def fault_run(root: Path, fault: str) -> dict:
+    """A long world-2 run whose rank 1 is SIGKILLed ("killed") or SIGSTOPped ("hung") at step 5; waits for the job
+    to end. Returns its return code, the seconds from the fault to the end, and its log folder."""
+    agent, worker = start_long_world2(preset_env(write_shards(root), root / "logs"), root, FAULT_TIMEOUT_S)
     os.kill(worker, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
     started = time.perf_counter()
     try:
-        agent.communicate(timeout=timeout_s + 60)
+        agent.communicate(timeout=FAULT_TIMEOUT_S + 60)
     finally:
         agent.kill()
-    elapsed = time.perf_counter() - started
+    return {"returncode": agent.returncode, "elapsed": time.perf_counter() - started, "logs": root / "logs"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fault_runs(request, tmp_path_factory):
+    """Both fault runs, started in threads when this module's first test starts: they spend most of their ~50 s
+    waiting (the timeout, then torchrun's 30 s grace), so the module's other tests run meanwhile. Yields
+    {fault: a Future of fault_run's result}, or {} when the fault test is not selected."""
+    if not any(item.name.startswith("test_a_dead_or_hung_rank") for item in request.session.items):
+        yield {}
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        yield {fault: pool.submit(fault_run, tmp_path_factory.mktemp(f"fault_{fault}"), fault)
+               for fault in ("killed", "hung")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_dead_or_hung_rank_ends_the_job_in_bounded_time(fault_runs, fault):
+    """A rank killed mid-run (SIGKILL) or hung (SIGSTOP): rank 0's next collective fails, at once for a dead peer
+    or after DIST_TIMEOUT for a silent one; its log ends with a `stopped:` line, and torchrun ends the job
+    (SIGTERM, then SIGKILL after its 30 s grace for a stopped process)."""
+    result = fault_runs[fault].result(timeout=FAULT_TIMEOUT_S + 300)
+    elapsed = result["elapsed"]
     print(f"{fault}: the job ended {elapsed:.1f} s after the fault")
-    assert agent.returncode != 0
-    assert elapsed < (timeout_s + 45 if fault == "hung" else 30)
-    lines = only_log(tmp_path / "logs").read_text().splitlines()
+    assert result["returncode"] != 0
+    assert elapsed < (FAULT_TIMEOUT_S + 45 if fault == "hung" else 30)
+    lines = only_log(result["logs"]).read_text().splitlines()
     assert lines[-1].startswith("stopped: ") and "RuntimeError" in lines[-1]
     if fault == "hung":
-        assert elapsed > timeout_s - 1  # it was the timeout, not something else, that ended it
+        assert elapsed > FAULT_TIMEOUT_S - 1  # it was the timeout, not something else, that ended it
 
 
 # ---- determinism ----
