@@ -140,9 +140,15 @@ def test_welch_matches_scipy(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert report["welch"]["loss"]["df"] == pytest.approx(loss_ref.df, rel=1e-6)
     assert report["welch"]["time_s"]["p"] == pytest.approx(time_ref.pvalue, rel=1e-4)
     assert report["welch"]["loss"]["diff_b_minus_a"] == pytest.approx(3.27771 - 3.2792, abs=1e-9)
+    # one-sided, H1: B below A, from the t distribution's CDF at Welch's t and df (B is below A here: half the
+    # two-sided p)
+    for key, ref in (("loss", loss_ref), ("time_s", time_ref)):
+        assert report["welch"][key]["p_less"] == pytest.approx(stats.t.cdf(ref.statistic, ref.df), rel=1e-9)
+    assert report["welch"]["loss"]["p_less"] == pytest.approx(loss_ref.pvalue / 2, rel=1e-9)
     assert result.returncode == (validate.EXIT_PASS if loss_ref.pvalue < 0.01 else validate.EXIT_FAIL)
     text = run_main(capsys, "--compare", str(folder_a), str(folder_b)).stdout
     assert "B - A=-0.00149" in text and "train time" in text
+    assert f"(one-sided, B below A: p={loss_ref.pvalue / 2:.4g})" in text
 
 
 def test_interaction_contrast_known_answer() -> None:
