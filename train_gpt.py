@@ -149,6 +149,8 @@ class Hyperparameters:
                                check=(lambda v: 0 < v <= 1, "a number in (0, 1]"))
     final_lr_frac: float = _hp(0.1, "lr multiplier at the end of the decay and in the extension",
                                check=_non_negative)
+    lr_warmup_steps: int = _hp(0, "linear warmup of every lr over the first this many steps, from 0 (#48: none)",
+                               check=_non_negative)
     # DistAdam: embeddings, value embeddings, scalars, head
     adam_lr: float = _hp(0.008, "DistAdam base lr", check=_positive)
     adam_beta1: float = _hp(0.65, "DistAdam beta1", check=_fraction)
@@ -1436,7 +1438,15 @@ class Momo:
 
 
 def lr_multiplier(step: int, hp: Hyperparameters) -> float:
-    """The speedrun lr schedule: a boosted peak per third, linear decay over the last cooldown_frac, then flat."""
+    """The speedrun lr schedule: a boosted peak per third, linear decay over the last cooldown_frac, then flat;
+    times a linear warmup over the first lr_warmup_steps steps when that is set."""
+    if step < hp.lr_warmup_steps:
+        # a ramp from 0 at step -1 to the full schedule at step lr_warmup_steps: step 0 already moves the weights
+        return (step + 1) / (hp.lr_warmup_steps + 1) * _scheduled_lr(step, hp)
+    return _scheduled_lr(step, hp)
+
+
+def _scheduled_lr(step: int, hp: Hyperparameters) -> float:
     if step >= hp.scheduled_iterations:
         return hp.final_lr_frac
     x = step / hp.scheduled_iterations

@@ -164,3 +164,22 @@ def test_train_loop_validates_with_the_schedule_windows_and_the_final_ones(run_e
     assert [w for w, _ in seen] == [w for w, _ in expected]
     for (_, got), (_, want) in zip(seen, expected):
         assert math.isclose(got, want, rel_tol=1e-6)
+
+
+def test_lr_warmup_ramps_every_lr_from_zero_then_hands_over_to_the_schedule():
+    plain = T.parse_env({"PRESET": "cpu"}, False)[0]
+    warm = T.parse_env({"PRESET": "cpu", "LR_WARMUP_STEPS": "9"}, False)[0]
+    assert warm.lr_warmup_steps == 9 and plain.lr_warmup_steps == 0  # #48 has none
+    # (step + 1) / 10 of the schedule at steps 0..8, the schedule itself from step 9 on
+    assert T.lr_multiplier(0, warm) == pytest.approx(T.lr_multiplier(0, plain) / 10, rel=1e-12)
+    assert T.lr_multiplier(4, warm) == pytest.approx(T.lr_multiplier(4, plain) / 2, rel=1e-12)
+    assert T.lr_multiplier(8, warm) == pytest.approx(T.lr_multiplier(8, plain) * 0.9, rel=1e-12)
+    for step in (9, 10, 100, plain.num_iterations - 1):
+        assert T.lr_multiplier(step, warm) == T.lr_multiplier(step, plain)
+    # every optimizer's groups get it: the multiplier set_schedule hands to each one at step 0
+    model = T.GPT(warm)
+    optimizers = T.build_optimizers(model, warm)
+    T.set_schedule(optimizers, 0, warm, grad_scale=1.0)
+    assert {group["schedule"] for opt in optimizers for group in opt.param_groups} == {T.lr_multiplier(0, warm)}
+    with pytest.raises(T.ConfigError, match="LR_WARMUP_STEPS"):
+        T.parse_env({"LR_WARMUP_STEPS": "-1"}, False)
