@@ -17,7 +17,7 @@ def test_norm_optimizer_study_reproduces_from_its_logs(tmp_path):
     for figure in ("loss.png", "saturation.png", "growth.png"):
         assert (tmp_path / figure).stat().st_size > 10_000 and (STUDY / figure).is_file()
     by = subprocess.run([sys.executable, str(RECORDS / "validate.py"), "--by", "NORM,OPTIMIZER", "logs"],
-                        capture_output=True, text=True, timeout=300, cwd=STUDY)  # as study.sh runs it
+                        capture_output=True, text=True, timeout=300, cwd=STUDY)  # from the study folder (its paths)
     assert by.returncode == 0, by.stderr[-3000:]
     assert by.stdout == (STUDY / "validate_by.txt").read_text()
     assert "cells also split by NORM_ALPHA" in by.stderr  # alpha 0.3 is a cell of its own, never pooled
