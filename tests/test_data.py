@@ -497,3 +497,24 @@ def test_downloader_cli_mirror_and_offline(fake_hub, tmp_path):
     assert "network is unreachable" in offline.stderr and "Traceback" not in offline.stderr
     bad_n = run_script("cached_fineweb10B.py", "500", "--dir", str(local))
     assert bad_n.returncode == 2 and "expected 0..103" in bad_n.stderr
+
+
+def test_build_corpus_bytes_are_utf8_documents_led_by_256(tmp_path):
+    source = tmp_path / "src"
+    kept = make_source(source)
+    out = tmp_path / "bytes"
+    manifest = build_corpus.build_corpus(source, out, val_every=4, log=lambda _: None,
+                                         encoding=build_corpus.ByteEncoding())
+    assert manifest["tokenizer"] == "bytes"
+    tokens = {split: shards.read_shard(out / f"{split}_000000.bin", vocab_size=257) for split in ("train", "val")}
+    docs = []
+    for split, t in tokens.items():
+        starts = np.flatnonzero(t == 256).tolist()
+        assert starts[0] == 0 and t.max() == 256  # every document led by 256, the rest bytes
+        docs += [bytes(t[s + 1:e].astype(np.uint8)).decode("utf-8") for s, e in zip(starts, starts[1:] + [len(t)])]
+    assert sorted(doc.splitlines()[0] for doc in docs) == sorted(f"# file {rel}" for rel in kept)
+    assert all("é" in doc for doc in docs)  # two UTF-8 bytes, decoded back
+    # the GPT-2 build of the same source into the same folder is not taken for this one, and back
+    rebuilt = []
+    build_corpus.build_corpus(source, out, val_every=4, log=rebuilt.append, encoding=build_corpus.ByteEncoding())
+    assert "nothing to do" in rebuilt[-1]

@@ -4,6 +4,7 @@ its help, shard sizes that the headers tell, a bad shard met during training, si
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -279,6 +281,40 @@ def test_smoke_without_a_gpu_is_one_line_and_exit_0(tmp_path):
 
 
 # ---- data: what the headers tell, at setup; a bad shard met during training ----
+
+
+def byte_shards(folder: Path) -> Path:
+    """Two train shards and a val shard of byte-level documents (bytes 0-255, each led by 256)."""
+    folder.mkdir()
+    for name, count, seed in (("train_000000.bin", 5000, 1), ("train_000001.bin", 5000, 2),
+                              ("val_000000.bin", 3000, 3)):
+        write_test_shard(folder / name, np.where(synthetic_tokens(count, seed=seed) == T.BOS_ID, T.BYTE_BOS_ID,
+                                                 synthetic_tokens(count, seed=seed) % 256).astype(np.uint16))
+    return folder
+
+
+def test_a_shard_of_the_wrong_kind_is_refused_at_setup_in_one_line(run_env, tmp_path):
+    """GPT-2 shards under the byte-level research preset, and byte-level shards under a GPT-2 preset: a ShardError
+    naming the file, both ids and the fix, before anything trains."""
+    small = dict(NUM_ITERATIONS="2", VAL_TOKENS="1024", VAL_BATCH_TOKENS="1024")
+    hp, launch = T.parse_env({**run_env, **small, "PRESET": "research"}, False)  # run_env's GPT-2 shards
+    with pytest.raises(T.ShardError) as error:
+        T.setup(hp, launch, torch.device("cpu"))
+    message = str(error.value)
+    assert "train_000000.bin: starts with token 50256 (GPT-2 tokens), but BOS_ID=256 (PRESET=research)" in message
+    assert "python data/build_corpus.py --bytes" in message and "\n" not in message
+    data = byte_shards(tmp_path / "bytes")
+    env = {**run_env, "TRAIN_FILES": str(data / "train_*.bin"), "VAL_FILES": str(data / "val_*.bin")}
+    hp, launch = T.parse_env(env, False)  # the test preset: GPT-2 ids
+    with pytest.raises(T.ShardError, match="starts with token 256 \\(byte-level tokens\\), but BOS_ID=50256"):
+        T.setup(hp, launch, torch.device("cpu"))
+    # the research preset on byte-level shards trains: documents found at 256, a finite, falling loss
+    hp, launch = T.parse_env({**env, **small, "PRESET": "research", "NUM_LAYERS": "2", "MODEL_DIM": "128",
+                              "NUM_HEADS": "1", "BATCH_SCHEDULE": "256", "MAX_SEQ_LEN": "256"}, False)
+    state = T.setup(hp, launch, torch.device("cpu"))
+    assert state.loader.bos.size > 10 and (state.loader.tokens[state.loader.bos] == 256).all()
+    losses = [T.read_train_loss(T.train_step(state, step)) for step in range(2)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[0] == pytest.approx(math.log(384), abs=0.05)
 
 
 def test_a_chunk_longer_than_a_train_shard_stops_setup(run_env, shard_dir):
