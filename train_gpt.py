@@ -310,10 +310,6 @@ def _check_field(f: dataclasses.Field, value: object) -> None:
             raise ConfigError(f"{name}={shown}: expected {rule}")
 
 
-# Flags documented before this version builds them: set, they are refused (a silently ignored flag would make the run
-# something else than asked; the checkpoint flags were here until they were built). A name leaves the list by
-# becoming a Hyperparameters field (planned_flags() subtracts the fields). None today.
-PLANNED_FLAGS: tuple[str, ...] = ()
 # Flags of earlier versions, refused with what replaced them.
 RENAMED_FLAGS = {
     "SEQ_LEN": ("MAX_SEQ_LEN", "which only cuts documents in a packed training chunk; a chunk is BATCH_SCHEDULE / "
@@ -321,11 +317,6 @@ RENAMED_FLAGS = {
     "MICRO_BATCH_ROWS": ("BATCH_CHUNKS", "packed chunks per step; forwards per rank = BATCH_CHUNKS / world size"),
 }
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-def planned_flags() -> tuple[str, ...]:
-    fields = {env_name(f.name) for f in dataclasses.fields(Hyperparameters)}
-    return tuple(name for name in PLANNED_FLAGS if name not in fields)
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -350,33 +341,28 @@ def typo_tolerance(name: str) -> int:
 
 
 def check_flag_names(environ: Mapping[str, str]) -> None:
-    """ConfigError naming every env var that looks meant for this trainer but is not a flag: a planned flag not
-    built yet, a renamed flag, a flag name in another case (norm=derf), or a close misspelling (NROM=derf)."""
+    """ConfigError naming every env var that looks meant for this trainer but is not a flag: a renamed flag, a
+    flag name in another case (norm=derf), or a close misspelling (NROM=derf)."""
     fields = [env_name(f.name) for f in dataclasses.fields(Hyperparameters)]
-    planned = planned_flags()
     known = set(fields) | set(LAUNCH_VARS)
     problems = []
     for var in sorted(environ):
         if var in known:
             continue
         setting = f"{var}={environ[var]}"
-        if var in planned:
-            problems.append(f"{setting}: {var} is planned but not built yet; unset it")
-            continue
         if var in RENAMED_FLAGS:
             replacement, meaning = RENAMED_FLAGS[var]
             problems.append(f"{setting}: renamed {replacement} ({meaning}); unset {var}")
             continue
         upper = var.upper()
         # the length test first: it bounds the distance from below and spares most distance computations
-        near = [(edit_distance(upper, name), name) for name in fields + list(planned) + list(RENAMED_FLAGS)
+        near = [(edit_distance(upper, name), name) for name in fields + list(RENAMED_FLAGS)
                 if abs(len(upper) - len(name)) <= typo_tolerance(name)]
         near = [(distance, name) for distance, name in near if distance <= typo_tolerance(name)]
         if not near:
             continue
         close = min(near)[1]
-        hint = (" (not built yet)" if close in planned else
-                f" (now {RENAMED_FLAGS[close][0]})" if close in RENAMED_FLAGS else "")
+        hint = f" (now {RENAMED_FLAGS[close][0]})" if close in RENAMED_FLAGS else ""
         kind = "flags are upper case" if upper == close else "not a flag"
         problems.append(f"{setting}: {kind}; did you mean {close}?{hint}")
     if problems:
@@ -546,8 +532,8 @@ def help_text() -> str:
             default = ",".join(map(str, default))
         choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata.get("choices") else ""
         lines.append(f"  {env_name(f.name):24} {str(default):36} {f.metadata['help']}{choices}")
-    lines += ["Any other env var that looks meant as a flag (another case, a close misspelling, a renamed or a "
-              "planned one: " + ", ".join(planned_flags() + tuple(RENAMED_FLAGS)) + ") stops the run.",
+    lines += ["Any other env var that looks meant as a flag (another case, a close misspelling, a renamed one: "
+              + ", ".join(RENAMED_FLAGS) + ") stops the run.",
               "Arguments: --help (this), --check (check the flags and LOG_DIR, then exit). Exit codes: 0 finished, "
               "1 non-finite loss, 2 bad input, 130/143 stopped by SIGINT/SIGTERM."]
     return "\n".join(lines)
@@ -2708,8 +2694,7 @@ def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int
 
 
 def stop_nonfinite(log: RunLog, step: int, which: str, last_finite: float) -> int:
-    log.line("stopped: " + json.dumps({"reason": f"non-finite {which}", "step": step,
-                                       "last_finite_loss": last_finite if math.isfinite(last_finite) else None}))
+    log.stopped(f"non-finite {which}", step, last_finite)
     return 1
 
 
