@@ -4,10 +4,11 @@
 #                    flags are env vars (NORM=derf ./run.sh), listed by `./run.sh train --help`
 #   test             installs the test requirements and runs the pytest suite (args go to pytest)
 #   smoke            the first run on a GPU: python bench/smoke.py (cuda tests, compiled vs eager gradients, the
-#                    speedrun's phases timed, MFU, memory; one verdict line each) on the embedded corpus; no GPU: one line
+#                    speedrun's phases timed, MFU, memory; one verdict line each) on the embedded corpus;
+#                    no GPU: one line
 #   data             FineWeb shards with GPUs (args: number of train shards, default 9); the embedded corpus without
-#   bench            runs every script in bench/ but smoke.py with the args (each prints figures measured side by side; --quick:
-#                    tiny shapes on synthetic data, what tests/test_bench.py runs)
+#   bench            runs every script in bench/ but smoke.py with the args (each prints figures measured side
+#                    by side; --quick: tiny shapes on synthetic data, what tests/test_bench.py runs)
 #   validate         python records/validate.py with the args (default: logs/)
 #   help             this text (also -h, --help)
 # Python: the project's .venv, made once from python3 with --system-site-packages (an installed torch, e.g. a GPU

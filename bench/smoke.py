@@ -96,7 +96,8 @@ def compiled_gradient_error(model: T.GPT, chunk: torch.Tensor, fp8: bool) -> dic
     compiled = gradients(torch.compile(model, dynamic=False, fullgraph=True))
     model.zero_grad(set_to_none=True)
     if set(eager) != set(compiled):
-        raise SystemExit(f"smoke: eager and compiled backward reach different parameters: {sorted(set(eager) ^ set(compiled))}")
+        raise SystemExit(f"smoke: eager and compiled backward reach different parameters: "
+                         f"{sorted(set(eager) ^ set(compiled))}")
     errors = {name: ((compiled[name] - g).norm() / g.norm().clamp_min(1e-30)).item() for name, g in eager.items()}
     worst = max(errors, key=errors.get)
     return {"max_rel_error": errors[worst], "worst": worst, "parameters": len(errors),
@@ -119,7 +120,8 @@ def run_cuda_tests() -> dict:
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"],
                                 cwd=REPO, capture_output=True, text=True, timeout=CUDA_TESTS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return {"returncode": None, "seconds": CUDA_TESTS_TIMEOUT_S, "tail": f"timed out after {CUDA_TESTS_TIMEOUT_S} s"}
+        return {"returncode": None, "seconds": CUDA_TESTS_TIMEOUT_S,
+                "tail": f"timed out after {CUDA_TESTS_TIMEOUT_S} s"}
     counts = {key: int(n) for n, key in re.findall(r"(\d+) (passed|failed|skipped|errors?)", result.stdout)}
     return {"returncode": result.returncode, "seconds": round(time.perf_counter() - started, 1), **counts,
             "tail": result.stdout[-2000:] if result.returncode else ""}
@@ -181,7 +183,8 @@ def main() -> int:
             hp = step_bench.write_synthetic_shards(hp, Path(tmp))
             data = "random documents"
         else:
-            hp = dataclasses.replace(hp, train_files=str(embedded / "train_*.bin"), val_files=str(embedded / "val_*.bin"))
+            hp = dataclasses.replace(hp, train_files=str(embedded / "train_*.bin"),
+                                     val_files=str(embedded / "val_*.bin"))
             data = hp.train_files
         name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} thread(s)"
         print(f"== smoke: preset {hp.preset}, {name}, torch {torch.__version__}, compile {hp.compile}, fp8 {hp.fp8}, "
@@ -216,7 +219,8 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats(device)
         cycles, warmup_cycles = (2, 1) if args.quick else (3, 1)
         phases = step_bench.phases(hp)
-        results = {phase: step_bench.bench_phase(state, steps, warmup_cycles, cycles) for phase, steps in phases.items()}
+        results = {phase: step_bench.bench_phase(state, steps, warmup_cycles, cycles)
+                   for phase, steps in phases.items()}
 
         state.model.windows = T.validation_windows(hp)[-1]  # the final validation's (short, long) window
         T.synchronize(device)
@@ -243,7 +247,8 @@ def main() -> int:
         run_ms += len(steps) * r["train_step"]
         run_tokens += len(steps) * batch
         run_flops += len(steps) * flops
-        print(f"  steps {rows[-1]['steps']:>5}  batch {batch:>7}  window {long_window:>2}  {r['train_step']:9.2f} ms/step "
+        print(f"  steps {rows[-1]['steps']:>5}  batch {batch:>7}  window {long_window:>2}  "
+              f"{r['train_step']:9.2f} ms/step "
               f"(data {r['data']:.2f}, fwd+bwd {r['fwd+bwd']:.2f}, optimizer {r['optimizer']:.2f})  "
               f"{rows[-1]['tokens_per_s']:>11,} tokens/s  MFU {'n/a' if mfu is None else f'{mfu:.1f}%'}")
     step_ms = run_ms / hp.num_iterations

@@ -6,6 +6,7 @@ env flags it sets on top of this process's environment; each case is a fresh set
 and loader) and writes OUT_DIR/<name>.pt. One process serves every case because starting one (importing torch,
 joining the process group) costs more than the few steps a case trains."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -14,6 +15,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as T  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_smoke", os.path.join(os.path.dirname(T.__file__), "bench",
+                                                                           "smoke.py"))
+smoke = importlib.util.module_from_spec(_spec)  # its perturb(): the same noise the smoke's gradient check adds
+_spec.loader.exec_module(smoke)
 
 
 def main() -> None:
@@ -25,10 +31,7 @@ def main() -> None:
         hp = T.parse_env({**os.environ, **case["env"]}, cuda_available=False)[0]
         state = T.setup(T.resolve_auto(hp, device), launch, device)
         if case.get("perturb"):  # seeded noise on every parameter, equal on every rank: no zero-initialized matrix
-            generator = torch.Generator().manual_seed(1234)
-            with torch.no_grad():
-                for p in state.model.parameters():
-                    p.add_(case["perturb"] * torch.randn(p.shape, generator=generator).to(p.dtype))
+            smoke.perturb(state.model, scale=case["perturb"])
         start = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
         losses = [T.read_train_loss(T.train_step(state, step)) for step in range(case["steps"])]
         if launch.rank == 0:
