@@ -12,9 +12,9 @@ A run is train_gpt.py with the fixed flags (KEY=VALUE arguments), its cell's fla
 with RUN_TAG = the cell's and seed's flags, lower case ("norm-derf_optimizer-muon_seed-1", after --tag-prefix;
 without --seeds no SEED is set or tagged). A run whose log holds its `final:` line, or a `stopped:` line for a non-
 finite loss (a diverged run is a result), is not run again; a half-written one is renamed to `<log>.incomplete` and
-run again. TRAIN_FILES and VAL_FILES default to the embedded corpus. Runs go seed-major (an interrupted study has
-every cell at the same number of seeds), --jobs at a time with the machine's cores split between them
-(OMP_NUM_THREADS). After the runs: `validate.py --by` the grid's keys (or --by) into OUT/validate_by.txt, or with
+run again. TRAIN_FILES and VAL_FILES default to the embedded corpus (its bytes with PRESET=research). Runs go
+seed-major (an interrupted study has every cell at the same number of seeds), --jobs at a time with the machine's
+cores split between them (OMP_NUM_THREADS). After the runs: `validate.py --by` the grid's keys (or --by) into OUT/validate_by.txt, or with
 one cell `validate.py` (the record test) into OUT/validate.txt, and with --baseline `validate.py --compare BASELINE
 OUT/logs` into OUT/validate_compare.txt; each is printed.
 
@@ -35,8 +35,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TRAINER = REPO / "train_gpt.py"
 VALIDATE = REPO / "records" / "validate.py"
-DEFAULT_DATA = {"TRAIN_FILES": str(REPO / "data" / "embedded" / "train_*.bin"),
-                "VAL_FILES": str(REPO / "data" / "embedded" / "val_*.bin")}
+# The embedded corpus (data/build_corpus.py): GPT-2 tokens, or bytes for PRESET=research (--bytes).
+DATA_FOLDER = {"research": "embedded_bytes"}
+
+
+def default_data(preset: str | None) -> dict[str, str]:
+    """TRAIN_FILES and VAL_FILES of the embedded corpus of the preset's kind, as absolute paths."""
+    folder = REPO / "data" / DATA_FOLDER.get(preset or "", "embedded")
+    return {"TRAIN_FILES": str(folder / "train_*.bin"), "VAL_FILES": str(folder / "val_*.bin")}
 
 
 def parse_assignment(text: str, where: str) -> tuple[str, str]:
@@ -124,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--nproc_per_node=N, e.g. 8 with 8 GPUs and --jobs 1)")
     args = parser.parse_args(argv)
 
-    fixed = dict(DEFAULT_DATA)
-    fixed.update(parse_assignment(item, "fixed flag") for item in args.fixed)
+    given = dict(parse_assignment(item, "fixed flag") for item in args.fixed)
+    fixed = {**default_data(given.get("PRESET")), **given}
     cells = cells_from(args.grid, args.cells)
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds is not None else [None]

@@ -1,5 +1,6 @@
 """records/study.py: a grid of flags x seeds run side by side, resumable, then validate.py."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ import train_gpt as T
 
 REPO = Path(T.__file__).resolve().parent
 STUDY = [sys.executable, str(REPO / "records" / "study.py")]
+_spec = importlib.util.spec_from_file_location("study_module", REPO / "records" / "study.py")
+study_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study_module)
 
 
 def study(args, timeout=600):
@@ -54,3 +58,11 @@ def test_bad_arguments_are_named(tmp_path):
         result = study(["--out", tmp_path / "s", *args])
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_default_data_follows_the_preset():
+    """PRESET=research trains on bytes: the study's default data must be the byte shards, not GPT-2 tokens."""
+    assert "embedded_bytes" in study_module.default_data("research")["TRAIN_FILES"]
+    assert "embedded_bytes" in study_module.default_data("research")["VAL_FILES"]
+    assert "embedded_bytes" not in study_module.default_data("cpu")["TRAIN_FILES"]
+    assert study_module.default_data(None)["VAL_FILES"].endswith("data/embedded/val_*.bin")
