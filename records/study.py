@@ -14,9 +14,9 @@ without --seeds no SEED is set or tagged). A run whose log holds its `final:` li
 finite loss (a diverged run is a result), is not run again; a half-written one is renamed to `<log>.incomplete` and
 run again. TRAIN_FILES and VAL_FILES default to the embedded corpus (its bytes with PRESET=research). Runs go
 seed-major (an interrupted study has every cell at the same number of seeds), --jobs at a time with the machine's
-cores split between them (OMP_NUM_THREADS). After the runs: `validate.py --by` the grid's keys (or --by) into OUT/validate_by.txt, or with
-one cell `validate.py` (the record test) into OUT/validate.txt, and with --baseline `validate.py --compare BASELINE
-OUT/logs` into OUT/validate_compare.txt; each is printed.
+cores split between them (OMP_NUM_THREADS). After the runs: `validate.py --by` the grid's keys (or --by) into
+OUT/validate_by.txt, or with one cell `validate.py` (the record test) into OUT/validate.txt, and with --baseline
+`validate.py --compare BASELINE OUT/logs` into OUT/validate_compare.txt; each is printed.
 
 Exit codes: 0 every run done and validate.py ran; 1 a run failed (the others still ran); 2 bad arguments.
 """
