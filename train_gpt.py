@@ -26,6 +26,7 @@ network, no file writes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -839,10 +840,10 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
 
 @dataclass
 class LocalUpdate:
-    """A piece of the parameters that this rank updates in a step, as prepare() leaves it: value (its current
-    values: a view of rows, or a stack of whole matrices), grad (their rank-averaged gradient) and delta (the
-    full update, new value - value), all one shape; commit(new) writes the new values (and launches their
-    all-gather). Keys are stable from step to step, so Momo can keep state per piece."""
+    """Parameters that this rank updates in a step, as prepare() leaves them: value (their current values: a view
+    of DistAdam's rows, or a stack of NorMuon's whole matrices), grad (their rank-averaged gradient) and delta
+    (the full update, new value - value), all one shape; commit(new) writes the new values (and launches their
+    all-gather). Keys are stable from step to step, so Momo can keep state per key."""
 
     key: object
     value: Tensor
@@ -855,10 +856,11 @@ class LoopOptimizer(torch.optim.Optimizer):
     """The contract between the training loop and every optimizer here, written once. A new optimizer derives
     from this class, implements prepare() and _commit_all(), and is built in build_optimizers().
 
-    - step_every: the loop steps the optimizer after the backward of each step with (step + 1) % step_every == 0
-      and after the last step; in between, gradients accumulate in .grad (two steps' gradients for #48's Adam).
-    - sync: True exactly during the last backward before a step, so that post-accumulate-grad hooks may launch
-      the gradient reduce-scatters while the backward goes on; False otherwise.
+    - step_every (constructor): the loop steps the optimizer after the backward of each step with
+      (step + 1) % step_every == 0 and after the last step; in between, gradients accumulate in .grad (two steps'
+      gradients for #48's Adam).
+    - reduce_in_backward(on): the loop turns it on exactly for the last backward before a step, so that
+      post-accumulate-grad hooks may launch the gradient reduce-scatters while the backward goes on.
     - set_schedule(lr_multiplier, momentum, grad_scale), before every step: the schedule's lr multiplier and
       momentum go into every param group ("schedule"; "momentum" where a group has one); grad_scale is how many
       times the gradients exceed those of the per-token mean loss (the loop sums each chunk's token losses, as
@@ -868,12 +870,17 @@ class LoopOptimizer(torch.optim.Optimizer):
       tensor, or None for 1) multiplying every delta; Momo scales the joint step of all optimizers this way.
     """
 
-    def __init__(self, param_groups: list[dict], defaults: dict):
+    def __init__(self, param_groups: list[dict], defaults: dict, step_every: int = 1):
         super().__init__(param_groups, defaults)
         self.world, self.rank = world_size(), rank()
-        self.step_every = 1
-        self.sync = False
+        self.step_every = step_every
+        self._reduce_now = False  # the hooks launch reduces only while this is on: see reduce_in_backward
         self.grad_scale = 1.0
+
+    def reduce_in_backward(self, on: bool) -> None:
+        """On: the next backward is the last before a step, and each gradient's reduce starts as soon as it is
+        ready. Off: gradients only accumulate (an earlier micro-batch, or a step this optimizer skips)."""
+        self._reduce_now = on
 
     def set_schedule(self, lr_multiplier: float, momentum: float, grad_scale: float) -> None:
         for group in self.param_groups:
@@ -918,9 +925,9 @@ class DistAdam(LoopOptimizer):
 
     def __init__(self, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float = 0.0, state_dtype: torch.dtype = torch.bfloat16, compile: bool = False,
-                 bias_correction: bool = True):
+                 bias_correction: bool = True, step_every: int = 1):
         defaults = dict(lr=lr, lr_mul=1.0, schedule=1.0, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(param_groups, defaults)
+        super().__init__(param_groups, defaults, step_every)
         self.state_dtype = state_dtype
         self.bias_correction = bias_correction
         # compiled: one fused kernel per parameter shape (#48 compiles its Adam step too); step and lr then go in
@@ -940,7 +947,7 @@ class DistAdam(LoopOptimizer):
         return chunk, lo, min(p.shape[0], lo + chunk)
 
     def _grad_ready(self, p: Tensor) -> None:
-        if self.sync and self.world > 1:
+        if self._reduce_now and self.world > 1:
             self._launch_reduce(p)
 
     def _launch_reduce(self, p: Tensor) -> None:
@@ -1109,21 +1116,30 @@ def cautious_update(param: Tensor, update: Tensor, lr: Tensor, decay: Tensor, ca
     return param - decayed - lr * update
 
 
-NORMUON_COMM_PIECES = 2  # a shape group with >= 2 matrices per rank is reduced in this many pieces (see NorMuon)
+NORMUON_BUCKETS_PER_SHAPE = 2  # a shape's matrices go out in this many reduce-scatters (#48's pipeline)
+
+
+@dataclass
+class StepScratch:
+    """What one NorMuon/MuonMax step shares between its batched updates, made afresh each step."""
+
+    scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)  # (group, rows, cols)
+    # -> 0-D (lr, decay) tensors, made once a step: a new Python float would recompile the compiled helper
+    dual_sum: Tensor | float = 0.0  # MuonMax: this rank's sum of the blocks' dual norms
 
 
 class NorMuon(LoopOptimizer):
     """NorMuon (Muon + per-neuron variance normalization) for the hidden matrices and gates, 1..N ranks.
 
-    Communication groups: the parameters of one shape, in reverse registration order (the backward produces the
-    last layers' gradients first), cut into NORMUON_COMM_PIECES pieces of a multiple of the world size when each
-    rank gets at least that many matrices. At 8 GPUs that makes #48's pipeline: the 32 (3072, 768) matrices go
-    out as two reduce-scatters of 16, and the first piece's update runs while the second is in flight.
-    Each parameter's post-accumulate-grad hook marks it ready; when a piece is complete (and `sync` is set for
-    this backward) its stacked gradients go out in one async reduce_scatter_tensor(AVG), padded to a multiple of
-    the world size, so rank r receives whole matrices. At step() each rank waits for its matrices and updates
-    them in one batched call per param group (momentum, orthogonalization, variance normalization, cautious
-    weight decay), and an async all_gather_into_tensor brings every rank the new values. At world size 1 no
+    Buckets: the parameters of one shape, in reverse registration order (the backward produces the last layers'
+    gradients first), cut into NORMUON_BUCKETS_PER_SHAPE buckets of a multiple of the world size when each rank
+    gets at least that many matrices. At 8 GPUs that makes #48's pipeline: the 32 (3072, 768) matrices go out as
+    two reduce-scatters of 16, and the first bucket's update runs while the second is in flight.
+    Each parameter's post-accumulate-grad hook marks it ready; when a bucket is complete (and reduce_in_backward
+    is on) its stacked gradients go out in one async reduce_scatter_tensor(AVG), padded to a multiple of the world
+    size, so rank r receives whole matrices (its own matrices). At step() each rank waits for its own matrices and
+    updates them in one batched call per param group (momentum, orthogonalization, variance normalization,
+    cautious weight decay), and an async all_gather_into_tensor brings every rank the new values. At world size 1 no
     collective is called and each shape's matrices are updated in one batched call per param group.
     Group keys: lr, lr_mul, schedule and momentum (set per step by the loop), weight_decay, blocks (rows are
     split into this many square blocks, 4 for qkvo_w), is_gate.
@@ -1146,14 +1162,14 @@ class NorMuon(LoopOptimizer):
         shapes: dict[tuple[int, ...], list[Tensor]] = {}
         for p in reversed(list(self.group_index)):
             shapes.setdefault(tuple(p.shape), []).append(p)
-        self.comm_groups: list[list[Tensor]] = []
+        self.buckets: list[list[Tensor]] = []
         for params in shapes.values():
             per_rank = -(-len(params) // self.world)
-            pieces = NORMUON_COMM_PIECES if self.world > 1 and per_rank >= NORMUON_COMM_PIECES else 1
-            piece = self.world * -(-per_rank // pieces)
-            self.comm_groups += [params[start:start + piece] for start in range(0, len(params), piece)]
-        self.comm_group_of = {p: i for i, params in enumerate(self.comm_groups) for p in params}
-        self._ready = [0] * len(self.comm_groups)
+            count = NORMUON_BUCKETS_PER_SHAPE if self.world > 1 and per_rank >= NORMUON_BUCKETS_PER_SHAPE else 1
+            size = self.world * -(-per_rank // count)  # a multiple of the world size: whole matrices per rank
+            self.buckets += [params[start:start + size] for start in range(0, len(params), size)]
+        self.bucket_of = {p: i for i, params in enumerate(self.buckets) for p in params}
+        self._ready = [0] * len(self.buckets)  # per bucket: how many of its gradients the backward has produced
         self._pending: dict[int, tuple[dist.Work, Tensor]] = {}
         self._gathers: list[tuple[dist.Work, list[Tensor], Tensor]] = []
         self._index_tensors: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
@@ -1161,83 +1177,89 @@ class NorMuon(LoopOptimizer):
         for p in self.group_index:
             p.register_post_accumulate_grad_hook(self._grad_ready)
 
-    def _chunk(self, index: int) -> int:
-        """Matrices per rank in communication group `index` (after padding to a multiple of the world size)."""
-        return -(-len(self.comm_groups[index]) // self.world)
+    def _per_rank(self, index: int) -> int:
+        """Matrices per rank in bucket `index` (after padding to a multiple of the world size)."""
+        return -(-len(self.buckets[index]) // self.world)
 
     def _grad_ready(self, p: Tensor) -> None:
-        if not self.sync or self.world == 1:
+        if not self._reduce_now or self.world == 1:
             return
-        index = self.comm_group_of[p]
+        index = self.bucket_of[p]
         self._ready[index] += 1
-        if self._ready[index] == len(self.comm_groups[index]):
+        if self._ready[index] == len(self.buckets[index]):
             self._launch_reduce(index)
 
     def _launch_reduce(self, index: int) -> None:
-        params = self.comm_groups[index]
-        chunk = self._chunk(index)
-        grads = torch.empty((chunk * self.world,) + params[0].shape, dtype=params[0].dtype, device=params[0].device)
+        params = self.buckets[index]
+        per_rank = self._per_rank(index)
+        grads = torch.empty((per_rank * self.world,) + params[0].shape, dtype=params[0].dtype,
+                            device=params[0].device)
         for i, p in enumerate(params):
             grads[i] = p.grad if p.grad is not None else 0
         grads[len(params):].zero_()  # only the padding matrices, up to a multiple of the world size
-        out = grads.new_empty((chunk,) + params[0].shape)
+        out = grads.new_empty((per_rank,) + params[0].shape)  # rank r gets matrices r * per_rank onwards
         self.bytes_sent += grads.numel() * grads.element_size() * (self.world - 1) // self.world
         self._pending[index] = (reduce_scatter_single(out, grads, op=dist.ReduceOp.AVG, async_op=True), out)
         self._ready[index] = 0
 
     @torch.no_grad()
     def step(self) -> None:
-        """The fast path, pipelined as #48: each piece's all-gather is launched as soon as its update is done, while
-        the next piece's reduce-scatter may still be in flight."""
-        step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
-        for index in range(len(self.comm_groups)):
-            piece = self._update_piece(index, step_scalars)
-            if piece is not None:
-                local, _, new = piece
-                self._commit_piece(index, local, new)
+        """The fast path, pipelined as #48: each bucket's all-gather is launched as soon as its update is done, while
+        the next bucket's reduce-scatter may still be in flight."""
+        scratch = StepScratch()
+        for index in range(len(self.buckets)):
+            updated = self._update_bucket(index, scratch)
+            if updated is not None:
+                mine, _, new = updated
+                self._commit_bucket(index, mine, new)
         self._commit_all()
 
     @torch.no_grad()
     def prepare(self) -> list[LocalUpdate]:
-        step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
+        return self._prepare_all(StepScratch())
+
+    def _prepare_all(self, scratch: StepScratch) -> list[LocalUpdate]:
+        """Every bucket's update of this rank's own matrices, computed and not yet committed."""
         updates = []
-        for index in range(len(self.comm_groups)):
-            piece = self._update_piece(index, step_scalars)
-            if piece is None:
+        for index in range(len(self.buckets)):
+            updated = self._update_bucket(index, scratch)
+            if updated is None:
                 continue
-            local, grads, new = piece
-            value = torch.stack(local) if local else new
+            mine, grads, new = updated
+            value = torch.stack(mine) if mine else new
             updates.append(LocalUpdate(index, value, grads, new - value,
-                                       functools.partial(self._commit_piece, index, local)))
+                                       functools.partial(self._commit_bucket, index, mine)))
         return updates
 
-    def _update_piece(self, index: int, step_scalars: dict) -> tuple[list[Tensor], Tensor, Tensor] | None:
-        """This rank's matrices of communication piece `index`, their rank-averaged gradients (k, rows, cols) and
-        new values (k, rows, cols); k = 0 on a padded tail, None when there is nothing to do at all."""
-        params = self.comm_groups[index]
+    def _update_bucket(self, index: int, scratch: StepScratch) -> tuple[list[Tensor], Tensor, Tensor] | None:
+        """This rank's own matrices of bucket `index`, their rank-averaged gradients (k, rows, cols) and new values
+        (k, rows, cols); k = 0 on a padded tail, None when there is nothing to do at all."""
+        params = self.buckets[index]
         if self.world == 1:
-            local = [p for p in params if p.grad is not None]
-            if not local:
+            mine = [p for p in params if p.grad is not None]
+            if not mine:
                 return None
-            grads = torch.stack([p.grad for p in local])
+            grads = torch.stack([p.grad for p in mine])
         else:
-            grads = wait_for(self._pending, index, lambda: self._launch_reduce(index))  # (chunk, rows, cols)
-            local = params[self.rank * grads.size(0):(self.rank + 1) * grads.size(0)]  # fewer on a padded tail
-            grads = grads[:len(local)]
-        if not local:  # a padded tail: this rank still takes part in the all-gather, with nothing of its own
-            return local, grads[:0], grads[:0]
-        return local, grads, self._update_local(local, grads, step_scalars)
+            grads = wait_for(self._pending, index, lambda: self._launch_reduce(index))  # (per_rank, rows, cols)
+            mine = params[self.rank * grads.size(0):(self.rank + 1) * grads.size(0)]  # fewer on a padded tail
+            grads = grads[:len(mine)]
+        if not mine:  # a padded tail: this rank still takes part in the all-gather, with nothing of its own
+            return mine, grads[:0], grads[:0]
+        return mine, grads, self._update_own(mine, grads, scratch)
 
-    def _commit_piece(self, index: int, local: list[Tensor], new: Tensor) -> None:
+    def _commit_bucket(self, index: int, mine: list[Tensor], new: Tensor) -> None:
+        """Writes this rank's new values (k, rows, cols) of bucket `index`: in place at world size 1, else through
+        an async all-gather that _commit_all waits for."""
         if self.world == 1:
-            torch._foreach_copy_(local, list(new.unbind(0)))
+            torch._foreach_copy_(mine, list(new.unbind(0)))
             return
-        params = self.comm_groups[index]
-        chunk = self._chunk(index)
-        updated = new.contiguous()  # this rank's chunk (chunk, rows, cols) as it is, unless the tail left it short
-        if len(local) < chunk:  # the padding past the last matrix is gathered, then dropped
-            updated = torch.cat([new, new.new_zeros((chunk - len(local),) + params[0].shape)])
-        full = updated.new_empty((chunk * self.world,) + updated.shape[1:])
+        params = self.buckets[index]
+        per_rank = self._per_rank(index)
+        updated = new.contiguous()  # (per_rank, rows, cols) as it is, unless the padded tail left it short
+        if len(mine) < per_rank:  # the padding past the last matrix is gathered, then dropped
+            updated = torch.cat([new, new.new_zeros((per_rank - len(mine),) + params[0].shape)])
+        full = updated.new_empty((per_rank * self.world,) + updated.shape[1:])
         self.bytes_sent += updated.numel() * updated.element_size() * (self.world - 1)
         self._gathers.append((all_gather_single(full, updated, async_op=True), params, full))
 
@@ -1246,23 +1268,21 @@ class NorMuon(LoopOptimizer):
             work.wait()
             torch._foreach_copy_(params, list(full[:len(params)].unbind(0)))
         self._gathers = []
-        for p in self.group_index:
-            p.grad = None
+        self._clear_grads()
 
-    def _update_local(self, params: list[Tensor], grads: Tensor,
-                      step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]]) -> Tensor:
+    def _update_own(self, params: list[Tensor], grads: Tensor, scratch: StepScratch) -> Tensor:
         """New values (k, rows, cols) of k same-shape matrices from their rank-averaged gradients grads (k, rows,
-        cols): one batched update per param group among them (a piece may mix qkvo_w, c_fc and c_proj)."""
+        cols): one batched update per param group among them (a bucket may mix qkvo_w, c_fc and c_proj)."""
         by_group: dict[int, list[int]] = {}
         for i, p in enumerate(params):
             by_group.setdefault(self.group_index[p], []).append(i)
         if len(by_group) == 1:
             (group_index,) = by_group
-            return self._update_batch(params, grads, group_index, step_scalars)
+            return self._update_batch(params, grads, group_index, scratch)
         out = torch.empty_like(grads)
         for group_index, members in by_group.items():
             rows = self._index_tensor(members, grads.device)
-            out[rows] = self._update_batch([params[i] for i in members], grads[rows], group_index, step_scalars)
+            out[rows] = self._update_batch([params[i] for i in members], grads[rows], group_index, scratch)
         return out
 
     def _index_tensor(self, members: list[int], device: torch.device) -> Tensor:
@@ -1272,27 +1292,33 @@ class NorMuon(LoopOptimizer):
             self._index_tensors[key] = torch.tensor(members, device=device)
         return self._index_tensors[key]
 
-    def _update_batch(self, params: list[Tensor], grads: Tensor, group_index: int,
-                      step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]]) -> Tensor:
-        """New values (k, rows, cols) of k matrices of one param group. step_scalars caches this step's 0-D lr and
-        decay tensors per (group, shape). Per-parameter state: momentum_buffer (rows, cols) and second_moment
-        (blocks, rows / blocks, 1) or (blocks, 1, cols)."""
+    def _momentum(self, states: list[dict], grads: Tensor, momentum: float) -> Tensor:
+        """The k matrices' momentum buffers (k, rows, cols) after this step's grads (k, rows, cols) went in (an EMA
+        with factor `momentum`), stored back into their per-parameter state."""
+        for state in states:
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grads[0])
+        buffers = torch.stack([state["momentum_buffer"] for state in states])
+        buffers.lerp_(grads, 1 - momentum)
+        torch._foreach_copy_([state["momentum_buffer"] for state in states], list(buffers.unbind(0)))
+        return buffers
+
+    def _update_batch(self, params: list[Tensor], grads: Tensor, group_index: int, scratch: StepScratch) -> Tensor:
+        """New values (k, rows, cols) of k matrices of one param group. Per-parameter state: momentum_buffer
+        (rows, cols) and second_moment (blocks, rows / blocks, 1) or (blocks, 1, cols)."""
         group = self.param_groups[group_index]
         k, rows, cols = grads.shape
         blocks = group["blocks"]
         block_shape = (blocks, rows // blocks, cols)
         reduce_dim = variance_reduce_dim(block_shape, group["is_gate"])
         states = [self.state[p] for p in params]
-        for state in states:
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(grads[0])
-                if self.variance_norm:
+        if self.variance_norm:
+            for state in states:
+                if "second_moment" not in state:
                     moment_shape = list(block_shape)
-                    moment_shape[reduce_dim] = 1
+                    moment_shape[reduce_dim] = 1  # one second moment per neuron of each block
                     state["second_moment"] = torch.zeros(moment_shape, device=grads.device)
-        buffers = torch.stack([state["momentum_buffer"] for state in states])
-        buffers.lerp_(grads, 1 - group["momentum"])
-        torch._foreach_copy_([state["momentum_buffer"] for state in states], list(buffers.unbind(0)))
+        buffers = self._momentum(states, grads, group["momentum"])
         # Nesterov in lerp form; every block of every matrix is one matrix of the batch: (k * blocks, rows/blocks, cols)
         update = self.orthogonalize(grads.lerp(buffers, group["momentum"]).view(k * blocks, rows // blocks, cols))
         if self.variance_norm:
@@ -1300,11 +1326,11 @@ class NorMuon(LoopOptimizer):
             update, moments = self.variance_normalize(update, moments, self._beta2, reduce_dim)
             torch._foreach_copy_([state["second_moment"] for state in states], list(moments.split(blocks)))
         key = (group_index, rows, cols)
-        if key not in step_scalars:
+        if key not in scratch.scalars:
             lr = group["lr"] * group["schedule"]
             eff_lr = lr * max(1.0, rows / cols) ** 0.5 * group["lr_mul"]  # rows/cols of the stored parameter
-            step_scalars[key] = (torch.tensor(eff_lr), torch.tensor(group["weight_decay"] * lr))
-        eff_lr, decay = step_scalars[key]
+            scratch.scalars[key] = (torch.tensor(eff_lr), torch.tensor(group["weight_decay"] * lr))
+        eff_lr, decay = scratch.scalars[key]
         return self.cautious_update(torch.stack(params), update.view(k, rows, cols), eff_lr, decay, self.cautious)
 
 
@@ -1326,7 +1352,7 @@ class MuonMax(NorMuon):
     per-token-mean gradient (momentum, no Nesterov; the raw gradient divided by the loop's grad_scale), so the step
     grows with the gradient, unlike Muon's, and lr is on another scale than Muon's. No weight decay. The other
     parameters take Adam without bias correction, betas MUONMAX_ADAM_BETAS (build_optimizers). The whole step
-    needs the global sum first, so the pieces are not pipelined as NorMuon's are.
+    needs the global sum first, so the buckets are not pipelined as NorMuon's are.
     """
 
     def __init__(self, param_groups: list[dict], lr: float, momentum: float, ortho: str = "polar",
@@ -1335,40 +1361,37 @@ class MuonMax(NorMuon):
                          ortho=ortho, cautious=False, compile=compile)
         self.dual_norm: Tensor | None = None  # the last step's sum of dual norms (device scalar), for diagnostics
 
-    step = LoopOptimizer.step  # not NorMuon's pipelined one: every update waits for the global dual-norm sum
+    @torch.no_grad()
+    def step(self) -> None:
+        """prepare() then apply(), not NorMuon's pipelined step: every update waits for the global dual-norm sum."""
+        self.apply(self.prepare(), None)
 
     @torch.no_grad()
     def prepare(self) -> list[LocalUpdate]:
         device = next(iter(self.group_index)).device
-        self._dual_sum = torch.zeros((), device=device)
-        pieces = super().prepare()  # deltas are the unit directions -s_l polar(M_l); _dual_sum has the local sum
-        self.dual_norm = all_reduce_sum(self._dual_sum)
+        scratch = StepScratch(dual_sum=torch.zeros((), device=device))
+        updates = self._prepare_all(scratch)
+        # the deltas so far are the unit directions -s_l polar(M_l); scratch.dual_sum has this rank's sum
+        self.dual_norm = all_reduce_sum(scratch.dual_sum)
         group = self.param_groups[0]  # one lr and schedule for every group (lr_mul lives in s_l)
         step_size = group["lr"] * group["schedule"] * self.dual_norm
-        for piece in pieces:
-            piece.delta.mul_(step_size)
-        return pieces
+        for update in updates:
+            update.delta.mul_(step_size)
+        return updates
 
-    def _update_batch(self, params: list[Tensor], grads: Tensor, group_index: int,
-                      step_scalars: dict[tuple[int, int, int], tuple[Tensor, Tensor]]) -> Tensor:
+    def _update_batch(self, params: list[Tensor], grads: Tensor, group_index: int, scratch: StepScratch) -> Tensor:
         """The unit step (k, rows, cols) of k matrices: value - s_l polar(M_l) per block; adds the blocks' dual
-        norms s_l <M_l, polar(M_l)> to self._dual_sum."""
+        norms s_l <M_l, polar(M_l)> to scratch.dual_sum."""
         group = self.param_groups[group_index]
         k, rows, cols = grads.shape
         blocks = group["blocks"]
-        states = [self.state[p] for p in params]
-        for state in states:
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(grads[0])
-        buffers = torch.stack([state["momentum_buffer"] for state in states])
         # an EMA of the per-token-mean gradients (no Nesterov): scaled before averaging, so that a batch-size
         # change (a new grad_scale) does not mix gradients of two scales in the buffer
-        buffers.lerp_(grads / self.grad_scale, 1 - group["momentum"])
-        torch._foreach_copy_([state["momentum_buffer"] for state in states], list(buffers.unbind(0)))
-        momentum = buffers.view(k * blocks, rows // blocks, cols)
+        buffers = self._momentum([self.state[p] for p in params], grads / self.grad_scale, group["momentum"])
+        momentum = buffers.view(k * blocks, rows // blocks, cols)  # every block its own matrix
         polar = self.orthogonalize(momentum).float()
         shape_scale = max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
-        self._dual_sum += shape_scale * (momentum.float() * polar).sum()
+        scratch.dual_sum += shape_scale * (momentum.float() * polar).sum()  # s_l ||M_l||_nuc = s_l <M_l, polar(M_l)>
         return torch.stack(params) - shape_scale * polar.view(k, rows, cols).to(grads.dtype)
 
 
@@ -2400,8 +2423,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> list[LoopOptimizer]:
                      dict(params=groups["scalar"], lr_mul=hp.scalar_lr_mul),
                      dict(params=groups["head"], lr_mul=hp.head_lr_mul)],
                     lr=hp.adam_lr, betas=adam_betas, eps=hp.adam_eps, weight_decay=hp.adam_wd,
-                    compile=compiled, bias_correction=hp.optimizer != "muonmax")
-    adam.step_every = hp.adam_step_every
+                    compile=compiled, bias_correction=hp.optimizer != "muonmax", step_every=hp.adam_step_every)
     matrix_groups = [dict(params=groups["qkvo"], blocks=4), dict(params=groups["c_fc"]),
                      dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul), dict(params=groups["gates"], is_gate=True)]
     if hp.optimizer == "adamw":
@@ -2457,6 +2479,7 @@ class TrainState:
     start_train_ms: float = 0.0
     start_tokens: int = 0
     current_step: int = 0  # the loop's step, for the `stopped:` line of a run that ends on an exception
+    graphs_compiled: int = 0  # torch.compile's graphs so far: more at a validation than after warmup is a recompile
 
 
 def validates_at(step: int, hp: Hyperparameters) -> bool:
@@ -2483,7 +2506,7 @@ def train_step(state: TrainState, step: int) -> Tensor:
     for m, chunk in enumerate(chunks):
         chunk = chunk.to(state.device, non_blocking=True).long()
         for optimizer, now in zip(state.optimizers, stepping):
-            optimizer.sync = now and m == len(chunks) - 1  # the last backward before a step launches the reduce
+            optimizer.reduce_in_backward(now and m == len(chunks) - 1)  # the last backward before its step
         loss = state.step_model(chunk[:-1], chunk[1:], "sum", hp.fp8)
         # As #48: each chunk's summed loss / accumulation steps, averaged over ranks by the reduce-scatters, so the
         # gradient is the mean over the step's chunks of each chunk's summed loss at every world size.
@@ -2605,88 +2628,121 @@ def format_duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+class TrainClock:
+    """train_time in ms, as #48 counts it: it runs during training steps and stops (after a device sync) while the
+    loop validates, writes diagnostics or saves a checkpoint."""
+
+    def __init__(self, device: torch.device, start_ms: float):
+        self.device, self.banked_ms = device, start_ms
+        synchronize(device)
+        self.started = time.perf_counter()
+
+    def ms(self) -> float:
+        return self.banked_ms + 1000 * (time.perf_counter() - self.started)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[float]:
+        """Stops the clock for the body, which gets the train time so far; restarts it after a device sync."""
+        synchronize(self.device)  # queued training work belongs to the time before the pause
+        self.banked_ms = self.ms()
+        yield self.banked_ms
+        synchronize(self.device)  # the body's queued work (a validation) is not train time
+        self.started = time.perf_counter()
+
+
+def validate_and_diagnose(state: TrainState, log: RunLog, step: int, train_ms: float) -> float | None:
+    """What the loop does before step `step` with the clock paused: the validation (its `val_loss:` line) and the
+    DIAGNOSTICS=1 `diag:` line, where they fall. Returns the val loss, or None when this step does not validate."""
+    hp = state.hp
+    val_loss = None
+    if validates_at(step, hp):
+        val_loss = evaluate(state)
+        log.line(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
+                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
+    if state.diagnostics is not None and diagnoses_at(step, hp):
+        diag_tokens = state.geometry.chunk_tokens(hp.batch_schedule[0])  # the first phase's chunk: one shape
+        record = state.diagnostics.collect(step, state.val_sequences[0][:diag_tokens + 1])
+        log.line("diag: " + json.dumps(record), console=False)
+    if val_loss is not None and hp.compile and compiled_graphs() > state.graphs_compiled:
+        log.line(f"warning: {compiled_graphs() - state.graphs_compiled} graph(s) compiled after warmup "
+                 f"(step {step}): a shape or window that warmup did not cover; the timing includes it")
+        state.graphs_compiled = compiled_graphs()
+    return val_loss
+
+
+def save_on_stop(state: TrainState, log: RunLog, step: int, train_ms: float, tokens: int) -> None:
+    """A stop keeps the work done so far: a checkpoint at `step` when SAVE_CHECKPOINT=1 and the step ends a whole
+    optimizer cycle, else a line that says which checkpoint is the newest."""
+    checkpointer = state.checkpointer
+    if checkpointer is None or step <= checkpointer.last_saved:
+        return
+    if checkpointer.can_save_at(step):
+        synchronize(state.device)
+        checkpointer.save(state, step, train_ms, tokens, log)
+        return
+    newest = f"the newest is step {checkpointer.last_saved}" if checkpointer.last_saved else "none was saved"
+    log.line(f"checkpoint: none at step {step} (Adam holds gradients of an unfinished ADAM_STEP_EVERY="
+             f"{state.hp.adam_step_every} cycle); {newest}")
+
+
+def log_step(log: RunLog, step: int, steps: int, elapsed_ms: float, tokens_seen: int, train_loss: float | None,
+             momo_scale: float | None) -> None:
+    """#48's `step:i/N [train_loss:..] train_time:.. step_avg:..` line after training step i - 1; on the console
+    only when the loss was read, with tokens/s and the ETA."""
+    loss_text = f" train_loss:{train_loss:.4f}" if train_loss is not None else ""
+    # the step size Momo chose, as a fraction of the scheduled lr (1: not truncated)
+    extra = f" momo_scale:{momo_scale:.4f}" if momo_scale is not None else ""
+    rate = tokens_seen / (elapsed_ms / 1000)
+    eta = (steps - step) * elapsed_ms / step / 1000
+    log.line(f"step:{step}/{steps}{loss_text} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms{extra}",
+             console=train_loss is not None, console_suffix=f"  ({rate:,.0f} tok/s, eta {format_duration(eta)})")
+
+
 def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int:
     """The speedrun loop: validate at step 0, every val_every steps and at the end; train_time excludes
-    validation. Every step writes #48's `step:i/N train_time:.. step_avg:..` line; every train_log_every steps
-    the loss is read (the only host sync of a step) and the line carries `train_loss:`. Returns the exit code
-    (1 when the loss stops being finite, 2 on a bad train shard, 128 + signal when `stop` was signalled)."""
-    hp, device = state.hp, state.device
+    validation. Every step writes #48's step line; every train_log_every steps the loss is read (the only host
+    sync of a step). Returns the exit code (1 when the loss stops being finite, 2 on a bad train shard,
+    128 + signal when `stop` was signalled)."""
+    hp, steps = state.hp, state.hp.num_iterations
     if state.diagnostics is None and hp.diagnostics and rank() == 0:  # a resumed run has its saved one
         state.diagnostics = Diagnostics(state.model, hp)
-    steps = hp.num_iterations
-    graphs_after_warmup = compiled_graphs()
-    train_ms, tokens_seen, last_finite, val_loss = state.start_train_ms, state.start_tokens, float("nan"), float("nan")
-    checkpointer = state.checkpointer
-    synchronize(device)
-    t0 = time.perf_counter()
+    state.graphs_compiled = compiled_graphs()
+    tokens_seen, last_finite, val_loss = state.start_tokens, float("nan"), float("nan")
+    clock = TrainClock(state.device, state.start_train_ms)
     for step in range(state.start_step, steps + 1):
         state.current_step = step
         if stop is not None and stop.agreed():
-            if checkpointer is not None and checkpointer.can_save_at(step):  # a stop keeps the work done so far
-                synchronize(device)
-                checkpointer.save(state, step, train_ms + 1000 * (time.perf_counter() - t0), tokens_seen, log)
-            elif checkpointer is not None and step > checkpointer.last_saved:
-                log.line(f"checkpoint: none at step {step} (Adam holds gradients of an unfinished ADAM_STEP_EVERY="
-                         f"{hp.adam_step_every} cycle); " + (f"the newest is step {checkpointer.last_saved}"
-                                                             if checkpointer.last_saved else "none was saved"))
+            save_on_stop(state, log, step, clock.ms(), tokens_seen)
             return stop.end_run(log, step, last_finite)
-        if checkpointer is not None and checkpointer.due(step):  # saving is not train time
-            synchronize(device)
-            train_ms += 1000 * (time.perf_counter() - t0)
-            checkpointer.save(state, step, train_ms, tokens_seen, log)
-            t0 = time.perf_counter()
-        last = step == steps
-        if last:
+        if state.checkpointer is not None and state.checkpointer.due(step):
+            with clock.paused() as train_ms:  # saving is not train time
+                state.checkpointer.save(state, step, train_ms, tokens_seen, log)
+        if step == steps:
             state.model.set_final_windows(hp.final_window)
-        else:
-            state.model.set_training_window(schedule_phase(step, hp)[1])  # as #48: a validation sees this step's
-        validating = validates_at(step, hp)
-        diagnosing = state.diagnostics is not None and diagnoses_at(step, hp)
-        if validating or diagnosing:  # neither counts as train time
-            synchronize(device)
-            train_ms += 1000 * (time.perf_counter() - t0)
-        if validating:
-            val_loss = evaluate(state)
-            log.line(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
-                     f"step_avg:{train_ms / max(step, 1):.2f}ms")
-        if diagnosing:
-            diag_tokens = state.geometry.chunk_tokens(hp.batch_schedule[0])
-            record = state.diagnostics.collect(step, state.val_sequences[0][:diag_tokens + 1])
-            log.line("diag: " + json.dumps(record), console=False)
-        if validating:
-            if hp.compile and compiled_graphs() > graphs_after_warmup:
-                log.line(f"warning: {compiled_graphs() - graphs_after_warmup} graph(s) compiled after warmup "
-                         f"(step {step}): a shape or window that warmup did not cover; the timing includes it")
-                graphs_after_warmup = compiled_graphs()
-            if not math.isfinite(val_loss):
-                return stop_nonfinite(log, step, "val_loss", last_finite)
-        if validating or diagnosing:
-            synchronize(device)
-            t0 = time.perf_counter()
-        if last:
+        else:  # as #48: a validation sees this step's training window
+            state.model.set_training_window(schedule_phase(step, hp)[1])
+        if validates_at(step, hp) or (state.diagnostics is not None and diagnoses_at(step, hp)):
+            with clock.paused() as train_ms:  # neither counts as train time
+                measured = validate_and_diagnose(state, log, step, train_ms)
+            if measured is not None:
+                val_loss = measured
+                if not math.isfinite(val_loss):
+                    return stop_nonfinite(log, step, "val_loss", last_finite)
+        if step == steps:
             break
         try:
             loss = train_step(state, step)
         except ShardError as error:  # a train shard the loader read in the background
             return stop_on_data_error(log, step, error, last_finite)
         tokens_seen += schedule_phase(step, hp)[0]
-        logs_loss = (step + 1) % hp.train_log_every == 0 or step + 1 == steps
-        train_loss, momo_scale = read_logged_values(loss, stop, state.momo) if logs_loss else (None, None)
+        reads_loss = (step + 1) % hp.train_log_every == 0 or step + 1 == steps
+        train_loss, momo_scale = read_logged_values(loss, stop, state.momo) if reads_loss else (None, None)
         if train_loss is not None and not math.isfinite(train_loss):
             return stop_nonfinite(log, step + 1, "train_loss", last_finite)
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        loss_text = extra = ""
-        if train_loss is not None:
-            last_finite = train_loss
-            loss_text = f" train_loss:{train_loss:.4f}"
-            if momo_scale is not None:  # the step size Momo chose, as a fraction of the scheduled lr (1: not truncated)
-                extra = f" momo_scale:{momo_scale:.4f}"
-        rate = tokens_seen / (elapsed_ms / 1000)
-        eta = (steps - step - 1) * elapsed_ms / (step + 1) / 1000
-        log.line(f"step:{step + 1}/{steps}{loss_text} train_time:{elapsed_ms:.0f}ms "
-                 f"step_avg:{elapsed_ms / (step + 1):.2f}ms{extra}",
-                 console=train_loss is not None, console_suffix=f"  ({rate:,.0f} tok/s, eta {format_duration(eta)})")
-    log.line(peak_memory_line(device))
+        last_finite = train_loss if train_loss is not None else last_finite
+        log_step(log, step + 1, steps, clock.ms(), tokens_seen, train_loss, momo_scale)
+    log.line(peak_memory_line(state.device))
+    train_ms = clock.banked_ms  # paused at the final validation
     log.line("final: " + json.dumps({"val_loss": round(val_loss, 6), "step": steps, "num_iterations": steps,
                                      "train_time_ms": round(train_ms, 1), "step_avg_ms": round(train_ms / steps, 2),
                                      "tokens": tokens_seen, "status": "complete"}))

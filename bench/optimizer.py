@@ -20,9 +20,9 @@ NorMuon adds. The target is <= 1.10. Every variant and the breakdown's pure func
 repeat (rotating who goes first), one thread, after a warmup; each figure is the median over repeats.
 
 Part 2 (communication). It re-invokes itself under torchrun with 2 gloo ranks: each builds the model, sets
-NorMuon.sync, puts rank-specific random gradients in .grad through a real backward (of sum(p * g), so autograd
-fires the post-accumulate-grad hooks exactly as a training backward does), runs one step and reports
-NorMuon.bytes_sent (ring algorithm: (world-1)/world of each collective's input per rank). The minimum is a
+NorMuon.reduce_in_backward(True), puts rank-specific random gradients in .grad through a real backward (of
+sum(p * g), so autograd fires the post-accumulate-grad hooks exactly as a training backward does), runs one step
+and reports NorMuon.bytes_sent (ring algorithm: (world-1)/world of each collective's input per rank). The minimum is a
 reduce-scatter plus an all-gather of the matrix params: 2 * (world-1)/world * their bytes. The world-2 params are
 then held against a world-1 step on the mean gradient. Only the matrices matter here, so each rank builds the preset
 at world size 1 (no batch or data: a preset whose batch does not split over 2 ranks still benches) and joins the
@@ -283,12 +283,12 @@ def dist_worker(preset: str, out_dir: str) -> None:
     _, _, normuon = build(preset)
     params = [p for p, _ in matrices(normuon)]
     grads = random_grads(params, SEED + 1 + launch.rank)
-    normuon.sync = True
+    normuon.reduce_in_backward(True)
     torch.stack([(p * g).sum() for p, g in zip(params, grads)]).sum().backward()
     reduces_from_hooks = len(normuon._pending)
     normuon.step()
     torch.save({"params": [p.detach().clone() for p in params], "bytes_sent": normuon.bytes_sent,
-                "reduces_from_hooks": reduces_from_hooks, "comm_groups": len(normuon.comm_groups)},
+                "reduces_from_hooks": reduces_from_hooks, "buckets": len(normuon.buckets)},
                os.path.join(out_dir, f"rank{launch.rank}.pt"))
     T.dist.destroy_process_group()
 
@@ -312,9 +312,9 @@ def bench_comm(preset: str) -> None:
     minimum = 2 * (WORLD - 1) / WORLD * param_bytes
 
     print(f"\n== communication per step at world {WORLD} (gloo, one NorMuon step, hooks fired by backward) ==")
-    print(f"  matrix params: {param_bytes / 2**20:.2f} MiB in {ranks[0]['comm_groups']} communication groups; "
+    print(f"  matrix params: {param_bytes / 2**20:.2f} MiB in {ranks[0]['buckets']} buckets; "
           f"reduce-scatters launched from hooks before step(): {ranks[0]['reduces_from_hooks']}"
-          f"/{ranks[0]['comm_groups']}")
+          f"/{ranks[0]['buckets']}")
     print(f"  {'rank':<6}{'bytes sent':>14}{'minimum':>14}{'sent / min':>14}")
     for r, result in enumerate(ranks):
         print(f"  {r:<6}{result['bytes_sent']:>14,}{int(minimum):>14,}{result['bytes_sent'] / minimum:>13.6f}x")

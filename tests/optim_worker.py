@@ -77,7 +77,7 @@ def run_adam(mode: str, rank: int, steps: int) -> dict:
         passes = 2 if mode == "accumulate" else 1
         step_targets = []
         for i in range(passes):
-            opt.sync = mode != "late" and i == passes - 1
+            opt.reduce_in_backward(mode != "late" and i == passes - 1)
             target_list = targets(ADAM_SHAPES, seed=1000 * rank + 10 * step + i, scales=ADAM_GRAD_SCALES)
             backward(params, target_list)
             step_targets.append(target_list)
@@ -92,7 +92,7 @@ def run_muon(rank: int, steps: int) -> dict:
     opt = normuon(params)
     used = []
     for step in range(steps):
-        opt.sync = True
+        opt.reduce_in_backward(True)
         target_list = targets(MUON_SHAPES, seed=5000 + 1000 * rank + step, scales=MUON_GRAD_SCALES)
         backward(params, target_list)
         used.append(target_list)
