@@ -6,7 +6,7 @@ Launch recipes (every hyperparameter is an env var of its upper-case field name,
     python train_gpt.py                                       # CPU: the `cpu` preset on the embedded corpus
     python train_gpt.py                                       # 1 GPU: the `speedrun` preset, 8x grad accumulation
     torchrun --standalone --nproc_per_node=8 train_gpt.py     # 8 GPUs: the speedrun (record #48 config)
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=RUN \
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=RUN \\
         train_gpt.py                                          # 2 nodes: the same command on each
     NORM=derf OPTIMIZER=adamw torchrun --standalone --nproc_per_node=8 train_gpt.py   # an ablation
     SAVE_CHECKPOINT=1 CHECKPOINT_EVERY=250 python train_gpt.py   # checkpoints in logs/<log name>/step_NNNNNN/
@@ -146,13 +146,13 @@ class Hyperparameters:
     compile: bool | None = _hp(None, "torch.compile the model (auto: on with CUDA)")
     # learning-rate schedule (x = step / scheduled steps)
     lr_boosts: tuple[float, ...] = _hp((1.0, 1.51, 1.93), "peak lr multiplier in each third", check=_positive_all)
-    lr_boost_at: tuple[float, ...] = _hp((0.33, 0.66), "x where the next lr boost starts",
+    lr_boost_at: tuple[float, ...] = _hp((0.33, 0.66), "fractions of the scheduled steps where the next lr boost starts",
                                          check=_increasing_fractions)
     cooldown_frac: float = _hp(0.55, "last fraction of the schedule that decays linearly",
                                check=(lambda v: 0 < v <= 1, "a number in (0, 1]"))
     final_lr_frac: float = _hp(0.1, "lr multiplier at the end of the decay and in the extension",
                                check=_non_negative)
-    lr_warmup_steps: int = _hp(0, "linear warmup of every lr over the first this many steps, from 0 (#48: none)",
+    lr_warmup_steps: int = _hp(0, "linear warmup of every lr over the first this many steps: step s < N takes (s + 1) / (N + 1) of it (#48: none)",
                                check=_non_negative)
     # DistAdam: embeddings, value embeddings, scalars, head
     adam_lr: float = _hp(0.008, "DistAdam base lr", check=_positive)
@@ -526,7 +526,7 @@ def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
 
 def help_text() -> str:
     """One line per flag with its speedrun default, for `python train_gpt.py --help`."""
-    lines = ["Env flags (speedrun defaults; PRESET=cpu|ablation|test change some, see PRESETS):"]
+    lines = ["Env flags (speedrun defaults; PRESET=cpu|ablation|research|test changes some: README, Flags):"]
     for f in dataclasses.fields(Hyperparameters):
         default = "auto" if f.default is None else f.default
         if isinstance(default, tuple):
