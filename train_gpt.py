@@ -146,13 +146,14 @@ class Hyperparameters:
     compile: bool | None = _hp(None, "torch.compile the model (auto: on with CUDA)")
     # learning-rate schedule (x = step / scheduled steps)
     lr_boosts: tuple[float, ...] = _hp((1.0, 1.51, 1.93), "peak lr multiplier in each third", check=_positive_all)
-    lr_boost_at: tuple[float, ...] = _hp((0.33, 0.66), "fractions of the scheduled steps where the next lr boost starts",
+    lr_boost_at: tuple[float, ...] = _hp((0.33, 0.66), "fractions of the scheduled steps where the next boost starts",
                                          check=_increasing_fractions)
     cooldown_frac: float = _hp(0.55, "last fraction of the schedule that decays linearly",
                                check=(lambda v: 0 < v <= 1, "a number in (0, 1]"))
     final_lr_frac: float = _hp(0.1, "lr multiplier at the end of the decay and in the extension",
                                check=_non_negative)
-    lr_warmup_steps: int = _hp(0, "linear warmup of every lr over the first this many steps: step s < N takes (s + 1) / (N + 1) of it (#48: none)",
+    lr_warmup_steps: int = _hp(0, "linear warmup of every lr over the first N steps: step s < N takes (s + 1) / "
+                               "(N + 1) of it (#48: none)",
                                check=_non_negative)
     # DistAdam: embeddings, value embeddings, scalars, head
     adam_lr: float = _hp(0.008, "DistAdam base lr", check=_positive)
