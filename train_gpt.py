@@ -912,6 +912,21 @@ class LoopOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 p.grad = None
 
+    def saved_state(self, names: Mapping[Tensor, str]) -> dict[str, Tensor]:
+        """This rank's per-parameter state as flat tensors for a checkpoint, keyed "<parameter name>/<field>".
+        (Not `state`: torch's Optimizer already names its per-parameter dict so.)"""
+        # DistAdam's step count is an int: a 0-D integer tensor here, an int again in load_saved_state
+        return {f"{names[p]}/{key}": value.detach() if torch.is_tensor(value) else torch.tensor(value)
+                for p, param_state in self.state.items() for key, value in param_state.items()}
+
+    def load_saved_state(self, saved: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+        """Puts saved_state()'s tensors back, each onto its parameter's device; params: name -> parameter."""
+        for key, value in saved.items():
+            name, _, field_name = key.rpartition("/")
+            p = params[name]
+            is_count = value.dim() == 0 and not value.is_floating_point()
+            self.state[p][field_name] = int(value) if is_count else value.to(p.device)
+
 
 class DistAdam(LoopOptimizer):
     """Adam whose state is sharded by rows over the ranks (ZeRO-1 style), the same code at every world size.
@@ -1427,6 +1442,22 @@ class Momo:
         self.directions: dict[str, Tensor] = {}  # "<optimizer index>/<update key>" -> this rank's EMA of d
         self.last_scale: Tensor | None = None
 
+    def state(self) -> dict[str, Tensor]:
+        """This rank's averages as flat tensors, for a checkpoint."""
+        out = {"steps": torch.tensor(self.steps), "loss_avg": torch.as_tensor(self.loss_avg, dtype=torch.float32),
+               "gamma": torch.as_tensor(self.gamma, dtype=torch.float32)}
+        out.update({f"direction/{key}": value for key, value in self.directions.items()})
+        return out
+
+    def load_state(self, saved: Mapping[str, Tensor], device: torch.device) -> None:
+        self.reset()
+        self.steps = int(saved.get("steps", torch.tensor(0)))
+        if self.steps:  # before the first step the averages stay the Python zeros of reset()
+            self.loss_avg = saved["loss_avg"].to(device)
+            self.gamma = saved["gamma"].to(device)
+        prefix = "direction/"
+        self.directions = {k[len(prefix):]: v.to(device) for k, v in saved.items() if k.startswith(prefix)}
+
     @torch.no_grad()
     def step(self, optimizers: list[LoopOptimizer], loss: Tensor) -> None:
         """One truncated step of `optimizers` (those that step now); loss: this rank's mean loss per token."""
@@ -1744,6 +1775,18 @@ class Rotary(nn.Module):
         self.freqs.copy_(yarn_frequencies(self.freqs, self.window, new_window, self.block_tokens))
         self.scale_factor.mul_(yarn_attention_factor(self.window, new_window))
         self.window = new_window
+        self._fill_tables()
+
+    def state(self) -> dict[str, Tensor]:
+        """The YaRN-rescaled frequencies and factor as they are now: a checkpoint saves them rather than replaying
+        every window change."""
+        return {"freqs": self.freqs, "scale_factor": self.scale_factor, "window": torch.tensor(self.window)}
+
+    @torch.no_grad()
+    def load_state(self, saved: Mapping[str, Tensor]) -> None:
+        self.freqs.copy_(saved["freqs"])
+        self.scale_factor.copy_(saved["scale_factor"])
+        self.window = int(saved["window"])
         self._fill_tables()
 
     def _fill_tables(self) -> None:
@@ -2109,6 +2152,13 @@ class PackedLoader:
         self.tokens, self.bos = read_shard_with_documents(self.files[0], self.vocab_size, self.bos_id)
         self.document = 0  # index into self.bos of the next chunk's first document
         self._prefetch()
+
+    def state(self) -> dict[str, Tensor]:
+        """The position of the next chunk: its shard, and its first document's index into that shard's BOS list."""
+        return {"shard": torch.tensor(self.shard), "document": torch.tensor(self.document)}
+
+    def load_state(self, saved: Mapping[str, Tensor]) -> None:
+        self.restore(int(saved["shard"]), int(saved["document"]))
 
     def restore(self, shard: int, document: int) -> None:
         """Continues from a checkpoint's position: the next chunk starts at document `document` of shard `shard`."""
@@ -2776,38 +2826,48 @@ def _rank_prefix(r: int) -> str:
     return f"rank{r}/"
 
 
+def prefixed(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {prefix + key: value for key, value in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def load_rng_state(saved: Mapping[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(saved["cpu"])
+    if device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"], device)
+
+
 def checkpoint_state(state: TrainState, step: int, train_ms: float, tokens: int) -> dict[str, Tensor]:
-    """Everything the run needs to go on at `step`, as a flat {key: tensor} (no pickled objects). Keys without a
-    rank{r}/ prefix hold the same value on every rank (torch.distributed.checkpoint writes them once); keys with
-    it are this rank's own: its Adam row shards, its NorMuon matrices' buffers, its Momo directions, its RNG."""
+    """Everything the run needs to go on at `step`, as a flat {key: tensor} (no pickled objects), each owner's
+    state() under its prefix. Keys without a rank{r}/ prefix hold the same value on every rank
+    (torch.distributed.checkpoint writes them once); keys with it are this rank's own: its Adam row shards, its
+    NorMuon matrices' buffers, its Momo directions, its RNG."""
     model, own = state.model, _rank_prefix(rank())
-    out: dict[str, Tensor] = {f"model/{k}": v.detach() for k, v in model.state_dict().items()}
-    rotary = model.rotary  # YaRN-rescaled at each window change: saved as it is rather than replayed
-    out.update({"rotary/freqs": rotary.freqs, "rotary/scale_factor": rotary.scale_factor,
-                "rotary/window": torch.tensor(rotary.window), "schedule/windows": torch.tensor(model.windows),
+    out = prefixed("model/", {k: v.detach() for k, v in model.state_dict().items()})
+    out.update(prefixed("rotary/", model.rotary.state()))
+    out.update(prefixed("loader/", state.loader.state()))
+    out.update({"schedule/windows": torch.tensor(model.windows),
                 "schedule/batch_tokens": torch.tensor(schedule_phase(max(step - 1, 0), state.hp)[0]),
                 "progress/step": torch.tensor(step), "progress/tokens": torch.tensor(tokens),
-                "progress/train_ms": torch.tensor(train_ms, dtype=torch.float64),
-                "loader/shard": torch.tensor(state.loader.shard),
-                "loader/document": torch.tensor(state.loader.document),
-                own + "rng/cpu": torch.get_rng_state()})
-    if state.device.type == "cuda":
-        out[own + "rng/cuda"] = torch.cuda.get_rng_state(state.device)
+                "progress/train_ms": torch.tensor(train_ms, dtype=torch.float64)})
+    out.update(prefixed(own + "rng/", rng_state(state.device)))
     names = {p: name for name, p in model.named_parameters()}
     for i, optimizer in enumerate(state.optimizers):
-        for p, param_state in optimizer.state.items():
-            for key, value in param_state.items():
-                # DistAdam's step count is an int: a 0-D tensor here, an int again on load
-                out[f"{own}optim{i}/{names[p]}/{key}"] = (value.detach() if torch.is_tensor(value)
-                                                         else torch.tensor(value))
+        out.update(prefixed(f"{own}optim{i}/", optimizer.saved_state(names)))
     if state.diagnostics is not None:  # rank 0's power-iteration vectors and last update RMS, for equal diag lines
-        out.update({f"{own}diag/{key}": value for key, value in state.diagnostics.state().items()})
+        out.update(prefixed(own + "diag/", state.diagnostics.state()))
     if state.momo is not None:
-        momo = state.momo
-        out[own + "momo/steps"] = torch.tensor(momo.steps)
-        out[own + "momo/loss_avg"] = torch.as_tensor(momo.loss_avg, dtype=torch.float32)
-        out[own + "momo/gamma"] = torch.as_tensor(momo.gamma, dtype=torch.float32)
-        out.update({f"{own}momo/direction/{key}": value for key, value in momo.directions.items()})
+        out.update(prefixed(own + "momo/", state.momo.state()))
     return out
 
 
@@ -3080,43 +3140,23 @@ def load_checkpoint(state: TrainState, path: Path) -> tuple[int, float, int]:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(target, storage_reader=safe_reader(path), no_dist=world_size() == 1)
     model, device = state.model, state.device
-    prefix = "model/"
-    model.load_state_dict({k[len(prefix):]: v for k, v in target.items() if k.startswith(prefix)}, strict=True)
-    rotary = model.rotary
-    rotary.freqs.copy_(target["rotary/freqs"])
-    rotary.scale_factor.copy_(target["rotary/scale_factor"])
-    rotary.window = int(target["rotary/window"])
-    rotary._fill_tables()
+    model.load_state_dict(unprefixed("model/", target), strict=True)
+    model.rotary.load_state(unprefixed("rotary/", target))
     model.windows = tuple(int(w) for w in target["schedule/windows"])
     step = int(target["progress/step"])
     if int(target["schedule/batch_tokens"]) != schedule_phase(max(step - 1, 0), state.hp)[0]:
         raise ConfigError(f"RESUME={path}: its batch phase ({int(target['schedule/batch_tokens'])} tokens at step "
                           f"{step}) is not this schedule's; the checkpoint does not belong to this configuration")
-    state.loader.restore(int(target["loader/shard"]), int(target["loader/document"]))
-    torch.set_rng_state(target[own + "rng/cpu"])
-    if device.type == "cuda" and own + "rng/cuda" in target:
-        torch.cuda.set_rng_state(target[own + "rng/cuda"], device)
+    state.loader.load_state(unprefixed("loader/", target))
+    load_rng_state(unprefixed(own + "rng/", target), device)
     params = dict(model.named_parameters())
     for i, optimizer in enumerate(state.optimizers):
-        prefix = f"{own}optim{i}/"
-        for key, value in target.items():
-            if key.startswith(prefix):
-                name, _, field_name = key[len(prefix):].rpartition("/")
-                p = params[name]
-                optimizer.state[p][field_name] = (int(value) if value.dim() == 0 and not value.is_floating_point()
-                                                  else value.to(device))
+        optimizer.load_saved_state(unprefixed(f"{own}optim{i}/", target), params)
     if state.momo is not None:
-        momo = state.momo
-        momo.steps = int(target.get(own + "momo/steps", torch.tensor(0)))
-        if momo.steps:
-            momo.loss_avg = target[own + "momo/loss_avg"].to(device)
-            momo.gamma = target[own + "momo/gamma"].to(device)
-        prefix = own + "momo/direction/"
-        momo.directions = {k[len(prefix):]: v.to(device) for k, v in target.items() if k.startswith(prefix)}
+        state.momo.load_state(unprefixed(own + "momo/", target), device)
     if state.diagnostics is not None or (state.hp.diagnostics and rank() == 0):
         state.diagnostics = state.diagnostics or Diagnostics(model, state.hp)
-        state.diagnostics.load_state({k[len(own + "diag/"):]: v for k, v in target.items()
-                                      if k.startswith(own + "diag/")})
+        state.diagnostics.load_state(unprefixed(own + "diag/", target))
     return step, float(target["progress/train_ms"]), int(target["progress/tokens"])
 
 
