@@ -18,8 +18,9 @@ resumed run: then a `resumed:` line naming the log it continues), the speedrun s
 where one was saved), peak memory and a `final:` json line, or a `stopped:` line saying why it ended early.
 `python records/validate.py logs/` tests a set of runs.
 
-Sections, in order: hyperparameters, distributed, kernels, optimizers, norms, model, data, logging, training loop,
-checkpoints, main. Importing this file runs nothing (it only sets PYTORCH_ALLOC_CONF's default): no CUDA, no
+Sections, in the order a reader meets the ideas: hyperparameters and presets, kernels, distributed (the
+collectives the optimizers use), optimizers, norms, model, data, training loop; then the infrastructure: logging,
+checkpoints, flag checks and the command line, main. Importing this file runs nothing (it only sets PYTORCH_ALLOC_CONF's default): no CUDA, no
 network, no file writes.
 """
 
@@ -61,6 +62,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
 
 # ---- hyperparameters ----
 
@@ -255,236 +257,6 @@ PRESETS["research"] = {**PRESETS["cpu"], "train_files": "data/embedded_bytes/tra
                        "final_window": 4, "num_iterations": 200, "val_every": 100, "val_tokens": 65536,
                        "val_batch_tokens": 1024}
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def _parse_value(name: str, raw: str, kind: object) -> object:
-    """Parses one env value by the field's type; raises ConfigError naming the variable, value and what it takes."""
-    text = raw.strip()
-    def fail(expected: str) -> typing.NoReturn:
-        raise ConfigError(f"{name}={raw}: expected {expected}")
-    if kind is bool or kind == (bool | None):
-        lowered = text.lower()
-        if kind != bool and lowered == "auto":
-            return None
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        fail("one of " + ", ".join(_TRUE + _FALSE) + ("" if kind is bool else ", auto"))
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            fail("an integer")
-    if kind is float:
-        try:
-            value = float(text)
-        except ValueError:
-            fail("a number")
-        if not math.isfinite(value):
-            fail("a finite number")
-        return value
-    if kind is str:
-        return text
-    item = typing.get_args(kind)[0]
-    try:
-        return tuple(item(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        fail(f"a comma-separated list of {item.__name__}s")
-
-
-def env_name(field_name: str) -> str:
-    return field_name.upper()
-
-
-def _check_field(f: dataclasses.Field, value: object) -> None:
-    name = env_name(f.name)
-    choices = f.metadata.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{name}={value}: expected one of {', '.join(choices)}")
-    check = f.metadata.get("check")
-    if check is not None and value is not None:
-        predicate, rule = check
-        if not predicate(value):
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            raise ConfigError(f"{name}={shown}: expected {rule}")
-
-
-# Flags of earlier versions, refused with what replaced them.
-RENAMED_FLAGS = {
-    "SEQ_LEN": ("MAX_SEQ_LEN", "which only cuts documents in a packed training chunk; a chunk is BATCH_SCHEDULE / "
-                "max(world size, BATCH_CHUNKS) tokens"),
-    "MICRO_BATCH_ROWS": ("BATCH_CHUNKS", "packed chunks per step; forwards per rank = BATCH_CHUNKS / world size"),
-}
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Optimal string alignment distance: insertions, deletions, substitutions and swaps of two neighbours each
-    cost 1 (NROM -> NORM is 1)."""
-    rows = [list(range(len(b) + 1))]
-    for i in range(1, len(a) + 1):
-        row = [i] + [0] * len(b)
-        for j in range(1, len(b) + 1):
-            row[j] = min(rows[i - 1][j] + 1, row[j - 1] + 1, rows[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                row[j] = min(row[j], rows[i - 2][j - 2] + 1)
-        rows.append(row)
-    return rows[-1][-1]
-
-
-def typo_tolerance(name: str) -> int:
-    """Edits a misspelling of `name` may hold: none for 3 letters (PWD is not CWD), 1 up to 9, 2 above. Real
-    machine variables (PATH, HOME, TERM, CUDA_VISIBLE_DEVICES, NCCL_*, TORCH_*) are further than that from every
-    flag, so only typos trip it."""
-    return 0 if len(name) <= 3 else 1 if len(name) <= 9 else 2
-
-
-def check_flag_names(environ: Mapping[str, str]) -> None:
-    """ConfigError naming every env var that looks meant for this trainer but is not a flag: a renamed flag, a
-    flag name in another case (norm=derf), or a close misspelling (NROM=derf)."""
-    fields = [env_name(f.name) for f in dataclasses.fields(Hyperparameters)]
-    known = set(fields) | set(LAUNCH_VARS)
-    problems = []
-    for var in sorted(environ):
-        if var in known:
-            continue
-        setting = f"{var}={environ[var]}"
-        if var in RENAMED_FLAGS:
-            replacement, meaning = RENAMED_FLAGS[var]
-            problems.append(f"{setting}: renamed {replacement} ({meaning}); unset {var}")
-            continue
-        upper = var.upper()
-        # the length test first: it bounds the distance from below and spares most distance computations
-        near = [(edit_distance(upper, name), name) for name in fields + list(RENAMED_FLAGS)
-                if abs(len(upper) - len(name)) <= typo_tolerance(name)]
-        near = [(distance, name) for distance, name in near if distance <= typo_tolerance(name)]
-        if not near:
-            continue
-        close = min(near)[1]
-        hint = f" (now {RENAMED_FLAGS[close][0]})" if close in RENAMED_FLAGS else ""
-        kind = "flags are upper case" if upper == close else "not a flag"
-        problems.append(f"{setting}: {kind}; did you mean {close}?{hint}")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
-@dataclass(frozen=True)
-class Launch:
-    """Where this process sits in the job, from torchrun's env (a plain `python train_gpt.py` is rank 0 of 1)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-
-def parse_env(environ: Mapping[str, str], cuda_available: bool | None = None) -> tuple[Hyperparameters, Launch]:
-    """The one place that reads the environment: hyperparameter overrides and torchrun's RANK/WORLD_SIZE."""
-    check_flag_names(environ)
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    hints = typing.get_type_hints(Hyperparameters)
-    by_name = {f.name: f for f in dataclasses.fields(Hyperparameters)}
-    preset = environ.get("PRESET", "speedrun" if cuda_available else "cpu").strip()
-    _check_field(by_name["preset"], preset)
-    values: dict[str, object] = {**PRESETS[preset], "preset": preset}
-    for name, f in by_name.items():
-        raw = environ.get(env_name(name))
-        if raw is not None and name != "preset":
-            values[name] = _parse_value(env_name(name), raw, hints[name])
-    hp = Hyperparameters(**values)
-    for f in dataclasses.fields(hp):
-        _check_field(f, getattr(hp, f.name))
-    launch = Launch(*(_parse_launch(environ, key, default) for key, default in
-                      (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
-    check_launch(environ, launch)
-    check_consistency(hp, launch.world_size)
-    return hp, launch
-
-
-def _parse_launch(environ: Mapping[str, str], key: str, default: int) -> int:
-    raw = environ.get(key)
-    if raw is None:
-        return default
-    value = _parse_value(key, raw, int)
-    if value < (1 if key == "WORLD_SIZE" else 0):
-        raise ConfigError(f"{key}={raw}: expected a valid torchrun value; launch with torchrun or unset it")
-    return value
-
-
-def check_launch(environ: Mapping[str, str], launch: Launch) -> None:
-    """A world of several processes needs a rendezvous (torchrun sets MASTER_ADDR/MASTER_PORT for every rank); a
-    plain `python train_gpt.py` under WORLD_SIZE=2 would wait in init_process_group for a rank that never comes."""
-    torchrun = (f"launch with torchrun (torchrun --standalone --nproc_per_node={max(launch.world_size, 2)} "
-                f"train_gpt.py), or unset RANK, LOCAL_RANK and WORLD_SIZE")
-    if launch.rank >= launch.world_size:
-        raise ConfigError(f"RANK={launch.rank}: expected less than WORLD_SIZE={launch.world_size}"
-                          f"{'' if 'WORLD_SIZE' in environ else ' (unset)'}; {torchrun}")
-    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(key)]
-    if launch.world_size > 1 and missing:
-        raise ConfigError(f"WORLD_SIZE={launch.world_size} without {' and '.join(missing)}: one process cannot "
-                          f"start a world of {launch.world_size}; {torchrun}")
-
-
-def check_consistency(hp: Hyperparameters, world_size: int) -> None:
-    """Checks that span fields, all in one error: raising one size often breaks two rules at once, so the error
-    names every field that must change together, with a value that fits. A world size that does not divide the
-    global batch is an error, never a change."""
-    problems = []
-    if hp.num_heads * hp.head_dim != hp.model_dim:
-        problems.append(f"NUM_HEADS={hp.num_heads} * HEAD_DIM={hp.head_dim} != MODEL_DIM={hp.model_dim}: "
-                        "set them so that the product equals the model width")
-    if hp.bos_id >= hp.vocab_size:
-        problems.append(f"BOS_ID={hp.bos_id}: expected below VOCAB_SIZE={hp.vocab_size} (the shards' ids, BOS "
-                        "included, index the embedding)")
-    if hp.gate_input_dim > hp.model_dim:
-        problems.append(f"GATE_INPUT_DIM={hp.gate_input_dim}: expected at most MODEL_DIM={hp.model_dim}")
-    if hp.extension_iterations >= hp.num_iterations:
-        problems.append(f"EXTENSION_ITERATIONS={hp.extension_iterations}: expected fewer than "
-                        f"NUM_ITERATIONS={hp.num_iterations}")
-    if len(hp.lr_boosts) != len(hp.lr_boost_at) + 1:
-        problems.append(f"LR_BOOSTS has {len(hp.lr_boosts)} values: expected one more than LR_BOOST_AT "
-                        f"({len(hp.lr_boost_at)} values)")
-    if hp.momo and hp.adam_step_every != 1:
-        problems.append(f"MOMO=1 with ADAM_STEP_EVERY={hp.adam_step_every}: Momo's model takes one gradient per "
-                        f"step for every parameter; set ADAM_STEP_EVERY=1")
-    if hp.save_checkpoint and hp.checkpoint_every % hp.adam_step_every:
-        every = -(-hp.checkpoint_every // hp.adam_step_every) * hp.adam_step_every
-        problems.append(f"CHECKPOINT_EVERY={hp.checkpoint_every}: expected a multiple of ADAM_STEP_EVERY="
-                        f"{hp.adam_step_every} (a checkpoint in between would lose Adam's accumulated gradients), "
-                        f"e.g. CHECKPOINT_EVERY={every}")
-    if world_size < hp.batch_chunks and hp.batch_chunks % world_size:
-        problems.append(f"world size {world_size} does not divide BATCH_CHUNKS={hp.batch_chunks}: launch a world "
-                        f"size that divides it (gradient accumulation), or one that is a multiple of it")
-    chunks = max(world_size, hp.batch_chunks)
-    unit = chunks * hp.window_block_tokens  # a batch is `chunks` sequences of whole attention blocks
-    round_up = lambda tokens, multiple: max(multiple, -(-tokens // multiple) * multiple)
-    split = lambda pieces: (f"{chunks} {pieces} (max(world size {world_size}, BATCH_CHUNKS={hp.batch_chunks})) of a "
-                            f"multiple of WINDOW_BLOCK_TOKENS={hp.window_block_tokens} tokens")
-    uneven = [batch for batch in hp.batch_schedule if batch % unit]
-    if uneven:
-        fitted = ",".join(str(round_up(batch, unit)) for batch in hp.batch_schedule)
-        problems.append(f"BATCH_SCHEDULE={','.join(map(str, hp.batch_schedule))}: {uneven[0]} tokens do not split "
-                        f"into {split('chunks')}; use multiples of {unit} (e.g. BATCH_SCHEDULE={fitted}), or change "
-                        f"BATCH_CHUNKS, WINDOW_BLOCK_TOKENS or the world size")
-    val_batch_tokens = hp.val_batch_tokens
-    if val_batch_tokens % unit:
-        val_batch_tokens = round_up(val_batch_tokens, unit)
-        problems.append(f"VAL_BATCH_TOKENS={hp.val_batch_tokens}: expected a multiple of {unit}, to split into "
-                        f"{split('sequences')} (e.g. VAL_BATCH_TOKENS={val_batch_tokens})")
-    if hp.val_tokens % val_batch_tokens:
-        fitted = f"VAL_TOKENS={round_up(hp.val_tokens, val_batch_tokens)}"
-        if val_batch_tokens == hp.val_batch_tokens:
-            problems.append(f"VAL_TOKENS={hp.val_tokens}: expected a multiple of VAL_BATCH_TOKENS={val_batch_tokens} "
-                            f"(e.g. {fitted})")
-        else:
-            problems.append(f"VAL_TOKENS={hp.val_tokens}: expected a multiple of VAL_BATCH_TOKENS (e.g. {fitted} "
-                            f"with VAL_BATCH_TOKENS={val_batch_tokens})")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
 
 @dataclass(frozen=True)
 class BatchGeometry:
@@ -510,111 +282,6 @@ def max_sequence_tokens(hp: Hyperparameters, world_size: int) -> int:
     """The longest packed sequence a forward sees: the largest training chunk or a validation sequence."""
     geometry = batch_geometry(hp, world_size)
     return max(geometry.chunk_tokens(max(hp.batch_schedule)), geometry.chunk_tokens(hp.val_batch_tokens))
-
-
-def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
-    """Fills the `auto` (None) fields from the hardware: FP8 on sm90+, compile on CUDA."""
-    on_cuda = device.type == "cuda"
-    fp8 = hp.fp8 if hp.fp8 is not None else (on_cuda and torch.cuda.get_device_capability(device) >= (9, 0))
-    if fp8 and (hp.vocab_size % 16 or hp.model_dim % 16):
-        raise ConfigError(f"FP8 head with VOCAB_SIZE={hp.vocab_size}, MODEL_DIM={hp.model_dim}: torch._scaled_mm "
-                          f"needs both to be multiples of 16; round them up or set FP8=0")
-    if fp8 and not on_cuda:
-        raise ConfigError("FP8=1: the FP8 lm_head needs a CUDA GPU (sm90+); set FP8=0 on this machine")
-    compile_model = hp.compile if hp.compile is not None else on_cuda
-    return dataclasses.replace(hp, fp8=fp8, compile=compile_model)
-
-
-def help_text() -> str:
-    """One line per flag with its speedrun default, for `python train_gpt.py --help`."""
-    lines = ["Env flags (speedrun defaults; PRESET=cpu|ablation|research|test changes some: README, Flags):"]
-    for f in dataclasses.fields(Hyperparameters):
-        default = "auto" if f.default is None else f.default
-        if isinstance(default, tuple):
-            default = ",".join(map(str, default))
-        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata.get("choices") else ""
-        lines.append(f"  {env_name(f.name):24} {str(default):36} {f.metadata['help']}{choices}")
-    lines += ["Any other env var that looks meant as a flag (another case, a close misspelling, a renamed one: "
-              + ", ".join(RENAMED_FLAGS) + ") stops the run.",
-              "Arguments: --help (this), --check (check the flags and LOG_DIR, then exit). Exit codes: 0 finished, "
-              "1 non-finite loss, 2 bad input, 130/143 stopped by SIGINT/SIGTERM."]
-    return "\n".join(lines)
-
-
-# ---- distributed ----
-
-
-def pick_device(launch: Launch) -> torch.device:
-    """This rank's GPU (LOCAL_RANK), or the CPU without CUDA."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if launch.local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK={launch.local_rank}: this machine has {torch.cuda.device_count()} GPU(s); "
-                          f"launch at most that many processes per node (torchrun --nproc_per_node)")
-    return torch.device("cuda", launch.local_rank)
-
-
-def init_distributed(launch: Launch, timeout_s: float = 600.0) -> torch.device:
-    """Picks the device (LOCAL_RANK's GPU: the GPU index on this node, whatever the node) and, for world size > 1,
-    joins the process group (NCCL on CUDA, gloo on CPU). timeout_s bounds every collective: when a rank dies or
-    hangs, the others raise after that long instead of waiting forever (NCCL's watchdog, gloo's transport), and
-    torchrun then ends the job."""
-    device = pick_device(launch)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if launch.world_size > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        # Before the group exists: torch._dynamo (imported by the first optimizer and by torch.compile) imports
-        # torch.distributed.nn.functional, whose `group=group.WORLD` defaults would keep the live group, so that
-        # destroy_process_group could not free it. Its gloo workers would then run on into interpreter shutdown,
-        # where one freeing the last all-reduce's tensors waits for the GIL and aborts the rank.
-        import torch._dynamo  # noqa: F401
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    return device
-
-
-def close_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def all_reduce_mean(tensor: Tensor) -> Tensor:
-    """In-place mean over ranks (nothing at world size 1)."""
-    if world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.AVG)
-    return tensor
-
-
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    if world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-# torch 2.13 renamed the single-tensor collectives (*_single) and made the old names warn on every rank at every
-# call site; TORCH_MIN (2.11) has only the old names. Chosen here once; the optimizers call these two.
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def wait_for(pending: dict, key: object, launch: Callable[[], None]) -> Tensor:
-    """The output of the async collective pending[key] (popped), calling launch() first when no backward hook
-    launched it (then the result is correct but the communication did not overlap the backward)."""
-    if key not in pending:
-        launch()
-    work, out = pending.pop(key)
-    work.wait()
-    return out
 
 
 # ---- kernels ----
@@ -812,6 +479,82 @@ def fp8_linear(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale:
     if x.is_cuda:
         return fp8_linear_op(x, w, x_scale, w_scale, grad_scale)[0]
     return fp8_linear_reference(x, w, x_scale, w_scale, grad_scale)
+
+
+# ---- distributed ----
+
+
+def pick_device(launch: Launch) -> torch.device:
+    """This rank's GPU (LOCAL_RANK), or the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if launch.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK={launch.local_rank}: this machine has {torch.cuda.device_count()} GPU(s); "
+                          f"launch at most that many processes per node (torchrun --nproc_per_node)")
+    return torch.device("cuda", launch.local_rank)
+
+
+def init_distributed(launch: Launch, timeout_s: float = 600.0) -> torch.device:
+    """Picks the device (LOCAL_RANK's GPU: the GPU index on this node, whatever the node) and, for world size > 1,
+    joins the process group (NCCL on CUDA, gloo on CPU). timeout_s bounds every collective: when a rank dies or
+    hangs, the others raise after that long instead of waiting forever (NCCL's watchdog, gloo's transport), and
+    torchrun then ends the job."""
+    device = pick_device(launch)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if launch.world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        # Before the group exists: torch._dynamo (imported by the first optimizer and by torch.compile) imports
+        # torch.distributed.nn.functional, whose `group=group.WORLD` defaults would keep the live group, so that
+        # destroy_process_group could not free it. Its gloo workers would then run on into interpreter shutdown,
+        # where one freeing the last all-reduce's tensors waits for the GIL and aborts the rank.
+        import torch._dynamo  # noqa: F401
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return device
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """In-place mean over ranks (nothing at world size 1)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.AVG)
+    return tensor
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# torch 2.13 renamed the single-tensor collectives (*_single) and made the old names warn on every rank at every
+# call site; TORCH_MIN (2.11) has only the old names. Chosen here once; the optimizers call these two.
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def wait_for(pending: dict, key: object, launch: Callable[[], None]) -> Tensor:
+    """The output of the async collective pending[key] (popped), calling launch() first when no backward hook
+    launched it (then the result is correct but the communication did not overlap the backward)."""
+    if key not in pending:
+        launch()
+    work, out = pending.pop(key)
+    work.wait()
+    return out
 
 
 # ---- optimizers ----
@@ -2230,237 +1973,6 @@ def load_val_sequences(files: list[str], val_tokens: int, sequence_tokens: int, 
     return torch.from_numpy(np.stack([stream[s:s + sequence_tokens + 1] for s in starts]).astype(np.int32))
 
 
-# ---- logging ----
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def check_log_dir(log_dir: str) -> None:
-    """ConfigError unless LOG_DIR is, or can be made as, a writable folder: checked before any work, writing
-    nothing (RunLog makes the folder)."""
-    path = Path(log_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())  # exists() is False under a regular file
-    if not existing.is_dir():
-        raise ConfigError(f"LOG_DIR={log_dir}: {existing} is a file, not a folder; point LOG_DIR at a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"LOG_DIR={log_dir}: cannot write in {existing}; point LOG_DIR at a folder you can write")
-
-
-def hp_as_dict(hp: Hyperparameters) -> dict:
-    """The hyperparameters as JSON-ready values (tuples as lists): the log's config line and a checkpoint's."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
-
-
-def run_name(hp: Hyperparameters) -> str:
-    """<UTC timestamp>_<tag>_<run id>: the log file's name without .txt."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}_{hp.run_tag or hp.preset}_{uuid.uuid4().hex[:8]}"
-
-
-def agreed_run_name(hp: Hyperparameters) -> str:
-    """Rank 0's run_name on every rank."""
-    names = [run_name(hp) if rank() == 0 else ""]
-    if world_size() > 1:
-        dist.broadcast_object_list(names, src=0)
-    return names[0]
-
-
-class RunLog:
-    """Rank 0's log file logs/<UTC timestamp>_<tag>_<run id>.txt, flushed each line; other ranks write nothing.
-
-    Opens with this file's source and a line of '=' (the speedrun convention), then `config: {json}`.
-    """
-
-    def __init__(self, hp: Hyperparameters, launch: Launch, device: torch.device, name: str | None = None):
-        self.enabled = launch.rank == 0
-        self.file = None
-        self.name = name or run_name(hp)  # every rank knows it (the default checkpoint folder is named after it)
-        if not self.enabled:
-            return
-        Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(hp.log_dir) / f"{self.name}.txt"
-        self.file = open(self.path, "x")
-        self.file.write(Path(__file__).read_text() + "\n" + "=" * 100 + "\n")
-        config = hp_as_dict(hp)
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        config.update(world_size=launch.world_size, device=device_name, torch_version=torch.__version__,
-                      python_version=sys.version.split()[0], git_commit=git_commit())
-        self.line("config: " + json.dumps(config), console=False)
-        print(f"logging to {self.path}", flush=True)
-
-    def line(self, text: str, console: bool = True, console_suffix: str = "") -> None:
-        if not self.enabled:
-            return
-        self.file.write(text + "\n")
-        self.file.flush()
-        if console:
-            print(text + console_suffix, flush=True)
-
-    def stopped(self, reason: str, step: int, last_finite_loss: float) -> None:
-        """The last line of a run that did not finish (records/validate.py leaves such a run out, with the reason):
-        why, the steps done, and the last finite train loss logged."""
-        self.line("stopped: " + json.dumps({"reason": reason, "step": step, "last_finite_loss":
-                                            last_finite_loss if math.isfinite(last_finite_loss) else None}))
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def peak_memory_line(device: torch.device) -> str:
-    """The speedrun's memory line; on CPU both figures are the process's peak resident set size."""
-    if device.type == "cuda":
-        allocated = torch.cuda.max_memory_allocated(device) // 2**20
-        reserved = torch.cuda.max_memory_reserved(device) // 2**20
-    else:
-        allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    return f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB"
-
-
-SPECTRAL_POWER_ITERATIONS = 8  # warm-started from the previous validation's vector, so a few suffice
-
-
-def spectral_norm(w: Tensor, v: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
-    """Largest singular value of w (m, n) by power iteration on w^T w from v (n,); returns (sigma, unit v)."""
-    w = w.float()
-    for _ in range(iterations):
-        v = w.T @ (w @ v)
-        v = v / v.norm().clamp_min(1e-30)
-    return (w @ v).norm(), v
-
-
-def percentile(t: Tensor, q: float) -> Tensor:
-    """The q-quantile (0 < q <= 1) of t's elements, lower value (kthvalue has no size limit, unlike quantile)."""
-    flat = t.flatten()
-    return flat.kthvalue(max(1, math.ceil(q * flat.numel()))).values
-
-
-def norm_input_stats(norm: nn.Module, x: Tensor) -> dict[str, Tensor]:
-    """Diagnostics of one norm site from its input x (..., C): the input RMS and, for the bounded norms, the
-    fraction of squash outputs (tanh or erf, before gamma/beta) with magnitude > 0.99 and > 0.95, the mean and
-    99th percentile of the squash argument and of its magnitude, and the learned alpha, shift, sigma_hat."""
-    x = x.float()
-    stats = {"rms": x.square().mean().sqrt()}
-    if hasattr(norm, "argument"):
-        arg = norm.argument(x).float()
-        squashed = norm.squash(arg).abs()
-        stats.update(sat99=(squashed > 0.99).float().mean(), sat95=(squashed > 0.95).float().mean(),
-                     arg_mean=arg.mean(), arg_p99=percentile(arg, 0.99), arg_abs_p99=percentile(arg.abs(), 0.99))
-        for name in ("alpha", "shift", "sigma_hat"):
-            if hasattr(norm, name):
-                stats[name] = getattr(norm, name).float().squeeze()
-    return stats
-
-
-class Diagnostics:
-    """DIAGNOSTICS=1 (rank 0 only): per-layer figures for a `diag: {json}` line at each validation and every
-    DIAG_EVERY steps.
-
-    Activations come from forward hooks on every norm site during one eager, eval-mode forward of the start of
-    the first validation sequence (the same tokens each time). Matrices (qkvo_w as its q, k, v, o row blocks, c_fc,
-    c_proj): the spectral norm by warm-started power iteration, and the update RMS of the last optimizer step
-    before the validation, RMS(W_after - W_before), from a snapshot taken only before that step.
-    """
-
-    def __init__(self, model: GPT, hp: Hyperparameters):
-        self.model, self.hp = model, hp
-        self.vectors: dict[str, Tensor] = {}
-        self.snapshot: dict[str, Tensor] | None = None
-        self.update_rms: dict[str, Tensor] = {}
-        self.generator = torch.Generator().manual_seed(0)
-
-    def matrices(self) -> dict[str, Tensor]:
-        """'<layer>.<name>' -> a view of each hidden matrix (qkvo_w split into its row blocks)."""
-        out = {}
-        for i, block in enumerate(self.model.blocks):
-            if block.attn is not None:
-                width = block.attn.num_heads * block.attn.head_dim
-                for j, name in enumerate("qkvo"):
-                    out[f"{i}.attn_{name}"] = block.attn.qkvo_w[j * width:(j + 1) * width]
-            if block.mlp is not None:
-                out[f"{i}.mlp_fc"], out[f"{i}.mlp_proj"] = block.mlp.c_fc, block.mlp.c_proj
-        return out
-
-    @torch.no_grad()
-    def before_step(self, step: int) -> None:
-        """Snapshots the matrices before the optimizer step that precedes a validation (no copy otherwise)."""
-        if diagnoses_at(step + 1, self.hp):
-            self.snapshot = {key: w.detach().clone() for key, w in self.matrices().items()}
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        if self.snapshot is None:
-            return
-        self.update_rms = {key: (w.float() - self.snapshot[key].float()).square().mean().sqrt()
-                           for key, w in self.matrices().items()}
-        self.snapshot = None
-
-    def state(self) -> dict[str, Tensor]:
-        """What the next diag line depends on besides the model: for checkpoints."""
-        out = {f"vector/{key}": v for key, v in self.vectors.items()}
-        out.update({f"update_rms/{key}": v for key, v in self.update_rms.items()})
-        out["generator"] = self.generator.get_state()
-        return out
-
-    def load_state(self, saved: dict[str, Tensor]) -> None:
-        device = next(self.model.parameters()).device
-        self.vectors = {k.removeprefix("vector/"): v.to(device) for k, v in saved.items() if k.startswith("vector/")}
-        self.update_rms = {k.removeprefix("update_rms/"): v for k, v in saved.items() if k.startswith("update_rms/")}
-        if "generator" in saved:
-            self.generator.set_state(saved["generator"])
-
-    def _spectral(self, key: str, w: Tensor) -> float:
-        v = self.vectors.get(key)
-        if v is None:
-            v = torch.randn(w.size(1), generator=self.generator).to(w.device)
-        sigma, v = spectral_norm(w, v, SPECTRAL_POWER_ITERATIONS)
-        if torch.isfinite(v).all() and v.norm() > 0:  # a zero matrix (zero-init o, c_proj) gives no direction
-            self.vectors[key] = v
-        else:
-            self.vectors.pop(key, None)
-        return sigma.item()
-
-    @torch.no_grad()
-    def collect(self, step: int, batch: Tensor) -> dict:
-        """The diag record at `step` from one packed sequence (T + 1,) of validation tokens."""
-        model = self.model
-        sites = model.norm_sites()
-        activations: dict[str, dict[str, Tensor]] = {}
-
-        def hook(key: str) -> Callable:
-            return lambda module, inputs, output: activations.__setitem__(key, norm_input_stats(module, inputs[0]))
-
-        handles = [norm.register_forward_hook(hook(key)) for key, norm in sites.items()]
-        was_training = model.training
-        model.eval()
-        try:
-            model(batch[:-1].long(), batch[1:].long(), "sum")
-        finally:
-            model.train(was_training)
-            for handle in handles:
-                handle.remove()
-        layers: dict[int, dict[str, object]] = {}
-        record: dict[str, object] = {"step": step}
-        for key, stats in activations.items():
-            layer, _, site = key.rpartition(".")
-            target = layers.setdefault(int(layer), {}) if layer else record
-            target.update({f"{site}_{name}": value.item() for name, value in stats.items()})
-        for key, w in self.matrices().items():
-            layer, _, name = key.partition(".")
-            layers.setdefault(int(layer), {})[f"{name}_spectral"] = self._spectral(key, w)
-            if key in self.update_rms:
-                layers[int(layer)][f"{name}_update_rms"] = self.update_rms[key].item()
-        record["layers"] = [{"block": f"blocks.{i}", **layers[i]} for i in sorted(layers)]
-        return record
-
-
 # ---- training loop ----
 
 
@@ -2803,6 +2315,237 @@ def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int
 def stop_nonfinite(log: RunLog, step: int, which: str, last_finite: float) -> int:
     log.stopped(f"non-finite {which}", step, last_finite)
     return 1
+
+
+# ---- logging ----
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_log_dir(log_dir: str) -> None:
+    """ConfigError unless LOG_DIR is, or can be made as, a writable folder: checked before any work, writing
+    nothing (RunLog makes the folder)."""
+    path = Path(log_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())  # exists() is False under a regular file
+    if not existing.is_dir():
+        raise ConfigError(f"LOG_DIR={log_dir}: {existing} is a file, not a folder; point LOG_DIR at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"LOG_DIR={log_dir}: cannot write in {existing}; point LOG_DIR at a folder you can write")
+
+
+def hp_as_dict(hp: Hyperparameters) -> dict:
+    """The hyperparameters as JSON-ready values (tuples as lists): the log's config line and a checkpoint's."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
+
+
+def run_name(hp: Hyperparameters) -> str:
+    """<UTC timestamp>_<tag>_<run id>: the log file's name without .txt."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}_{hp.run_tag or hp.preset}_{uuid.uuid4().hex[:8]}"
+
+
+def agreed_run_name(hp: Hyperparameters) -> str:
+    """Rank 0's run_name on every rank."""
+    names = [run_name(hp) if rank() == 0 else ""]
+    if world_size() > 1:
+        dist.broadcast_object_list(names, src=0)
+    return names[0]
+
+
+class RunLog:
+    """Rank 0's log file logs/<UTC timestamp>_<tag>_<run id>.txt, flushed each line; other ranks write nothing.
+
+    Opens with this file's source and a line of '=' (the speedrun convention), then `config: {json}`.
+    """
+
+    def __init__(self, hp: Hyperparameters, launch: Launch, device: torch.device, name: str | None = None):
+        self.enabled = launch.rank == 0
+        self.file = None
+        self.name = name or run_name(hp)  # every rank knows it (the default checkpoint folder is named after it)
+        if not self.enabled:
+            return
+        Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(hp.log_dir) / f"{self.name}.txt"
+        self.file = open(self.path, "x")
+        self.file.write(Path(__file__).read_text() + "\n" + "=" * 100 + "\n")
+        config = hp_as_dict(hp)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        config.update(world_size=launch.world_size, device=device_name, torch_version=torch.__version__,
+                      python_version=sys.version.split()[0], git_commit=git_commit())
+        self.line("config: " + json.dumps(config), console=False)
+        print(f"logging to {self.path}", flush=True)
+
+    def line(self, text: str, console: bool = True, console_suffix: str = "") -> None:
+        if not self.enabled:
+            return
+        self.file.write(text + "\n")
+        self.file.flush()
+        if console:
+            print(text + console_suffix, flush=True)
+
+    def stopped(self, reason: str, step: int, last_finite_loss: float) -> None:
+        """The last line of a run that did not finish (records/validate.py leaves such a run out, with the reason):
+        why, the steps done, and the last finite train loss logged."""
+        self.line("stopped: " + json.dumps({"reason": reason, "step": step, "last_finite_loss":
+                                            last_finite_loss if math.isfinite(last_finite_loss) else None}))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def peak_memory_line(device: torch.device) -> str:
+    """The speedrun's memory line; on CPU both figures are the process's peak resident set size."""
+    if device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(device) // 2**20
+        reserved = torch.cuda.max_memory_reserved(device) // 2**20
+    else:
+        allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB"
+
+
+SPECTRAL_POWER_ITERATIONS = 8  # warm-started from the previous validation's vector, so a few suffice
+
+
+def spectral_norm(w: Tensor, v: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """Largest singular value of w (m, n) by power iteration on w^T w from v (n,); returns (sigma, unit v)."""
+    w = w.float()
+    for _ in range(iterations):
+        v = w.T @ (w @ v)
+        v = v / v.norm().clamp_min(1e-30)
+    return (w @ v).norm(), v
+
+
+def percentile(t: Tensor, q: float) -> Tensor:
+    """The q-quantile (0 < q <= 1) of t's elements, lower value (kthvalue has no size limit, unlike quantile)."""
+    flat = t.flatten()
+    return flat.kthvalue(max(1, math.ceil(q * flat.numel()))).values
+
+
+def norm_input_stats(norm: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """Diagnostics of one norm site from its input x (..., C): the input RMS and, for the bounded norms, the
+    fraction of squash outputs (tanh or erf, before gamma/beta) with magnitude > 0.99 and > 0.95, the mean and
+    99th percentile of the squash argument and of its magnitude, and the learned alpha, shift, sigma_hat."""
+    x = x.float()
+    stats = {"rms": x.square().mean().sqrt()}
+    if hasattr(norm, "argument"):
+        arg = norm.argument(x).float()
+        squashed = norm.squash(arg).abs()
+        stats.update(sat99=(squashed > 0.99).float().mean(), sat95=(squashed > 0.95).float().mean(),
+                     arg_mean=arg.mean(), arg_p99=percentile(arg, 0.99), arg_abs_p99=percentile(arg.abs(), 0.99))
+        for name in ("alpha", "shift", "sigma_hat"):
+            if hasattr(norm, name):
+                stats[name] = getattr(norm, name).float().squeeze()
+    return stats
+
+
+class Diagnostics:
+    """DIAGNOSTICS=1 (rank 0 only): per-layer figures for a `diag: {json}` line at each validation and every
+    DIAG_EVERY steps.
+
+    Activations come from forward hooks on every norm site during one eager, eval-mode forward of the start of
+    the first validation sequence (the same tokens each time). Matrices (qkvo_w as its q, k, v, o row blocks, c_fc,
+    c_proj): the spectral norm by warm-started power iteration, and the update RMS of the last optimizer step
+    before the validation, RMS(W_after - W_before), from a snapshot taken only before that step.
+    """
+
+    def __init__(self, model: GPT, hp: Hyperparameters):
+        self.model, self.hp = model, hp
+        self.vectors: dict[str, Tensor] = {}
+        self.snapshot: dict[str, Tensor] | None = None
+        self.update_rms: dict[str, Tensor] = {}
+        self.generator = torch.Generator().manual_seed(0)
+
+    def matrices(self) -> dict[str, Tensor]:
+        """'<layer>.<name>' -> a view of each hidden matrix (qkvo_w split into its row blocks)."""
+        out = {}
+        for i, block in enumerate(self.model.blocks):
+            if block.attn is not None:
+                width = block.attn.num_heads * block.attn.head_dim
+                for j, name in enumerate("qkvo"):
+                    out[f"{i}.attn_{name}"] = block.attn.qkvo_w[j * width:(j + 1) * width]
+            if block.mlp is not None:
+                out[f"{i}.mlp_fc"], out[f"{i}.mlp_proj"] = block.mlp.c_fc, block.mlp.c_proj
+        return out
+
+    @torch.no_grad()
+    def before_step(self, step: int) -> None:
+        """Snapshots the matrices before the optimizer step that precedes a validation (no copy otherwise)."""
+        if diagnoses_at(step + 1, self.hp):
+            self.snapshot = {key: w.detach().clone() for key, w in self.matrices().items()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.snapshot is None:
+            return
+        self.update_rms = {key: (w.float() - self.snapshot[key].float()).square().mean().sqrt()
+                           for key, w in self.matrices().items()}
+        self.snapshot = None
+
+    def state(self) -> dict[str, Tensor]:
+        """What the next diag line depends on besides the model: for checkpoints."""
+        out = {f"vector/{key}": v for key, v in self.vectors.items()}
+        out.update({f"update_rms/{key}": v for key, v in self.update_rms.items()})
+        out["generator"] = self.generator.get_state()
+        return out
+
+    def load_state(self, saved: dict[str, Tensor]) -> None:
+        device = next(self.model.parameters()).device
+        self.vectors = {k.removeprefix("vector/"): v.to(device) for k, v in saved.items() if k.startswith("vector/")}
+        self.update_rms = {k.removeprefix("update_rms/"): v for k, v in saved.items() if k.startswith("update_rms/")}
+        if "generator" in saved:
+            self.generator.set_state(saved["generator"])
+
+    def _spectral(self, key: str, w: Tensor) -> float:
+        v = self.vectors.get(key)
+        if v is None:
+            v = torch.randn(w.size(1), generator=self.generator).to(w.device)
+        sigma, v = spectral_norm(w, v, SPECTRAL_POWER_ITERATIONS)
+        if torch.isfinite(v).all() and v.norm() > 0:  # a zero matrix (zero-init o, c_proj) gives no direction
+            self.vectors[key] = v
+        else:
+            self.vectors.pop(key, None)
+        return sigma.item()
+
+    @torch.no_grad()
+    def collect(self, step: int, batch: Tensor) -> dict:
+        """The diag record at `step` from one packed sequence (T + 1,) of validation tokens."""
+        model = self.model
+        sites = model.norm_sites()
+        activations: dict[str, dict[str, Tensor]] = {}
+
+        def hook(key: str) -> Callable:
+            return lambda module, inputs, output: activations.__setitem__(key, norm_input_stats(module, inputs[0]))
+
+        handles = [norm.register_forward_hook(hook(key)) for key, norm in sites.items()]
+        was_training = model.training
+        model.eval()
+        try:
+            model(batch[:-1].long(), batch[1:].long(), "sum")
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        layers: dict[int, dict[str, object]] = {}
+        record: dict[str, object] = {"step": step}
+        for key, stats in activations.items():
+            layer, _, site = key.rpartition(".")
+            target = layers.setdefault(int(layer), {}) if layer else record
+            target.update({f"{site}_{name}": value.item() for name, value in stats.items()})
+        for key, w in self.matrices().items():
+            layer, _, name = key.partition(".")
+            layers.setdefault(int(layer), {})[f"{name}_spectral"] = self._spectral(key, w)
+            if key in self.update_rms:
+                layers[int(layer)][f"{name}_update_rms"] = self.update_rms[key].item()
+        record["layers"] = [{"block": f"blocks.{i}", **layers[i]} for i in sorted(layers)]
+        return record
 
 
 # ---- checkpoints ----
@@ -3158,6 +2901,269 @@ def load_checkpoint(state: TrainState, path: Path) -> tuple[int, float, int]:
         state.diagnostics = state.diagnostics or Diagnostics(model, state.hp)
         state.diagnostics.load_state(unprefixed(own + "diag/", target))
     return step, float(target["progress/train_ms"]), int(target["progress/tokens"])
+
+
+# ---- flag checks and the command line ----
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_value(name: str, raw: str, kind: object) -> object:
+    """Parses one env value by the field's type; raises ConfigError naming the variable, value and what it takes."""
+    text = raw.strip()
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{name}={raw}: expected {expected}")
+    if kind is bool or kind == (bool | None):
+        lowered = text.lower()
+        if kind != bool and lowered == "auto":
+            return None
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        fail("one of " + ", ".join(_TRUE + _FALSE) + ("" if kind is bool else ", auto"))
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            fail("an integer")
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            fail("a number")
+        if not math.isfinite(value):
+            fail("a finite number")
+        return value
+    if kind is str:
+        return text
+    item = typing.get_args(kind)[0]
+    try:
+        return tuple(item(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        fail(f"a comma-separated list of {item.__name__}s")
+
+
+def env_name(field_name: str) -> str:
+    return field_name.upper()
+
+
+def _check_field(f: dataclasses.Field, value: object) -> None:
+    name = env_name(f.name)
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name}={value}: expected one of {', '.join(choices)}")
+    check = f.metadata.get("check")
+    if check is not None and value is not None:
+        predicate, rule = check
+        if not predicate(value):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ConfigError(f"{name}={shown}: expected {rule}")
+
+
+# Flags of earlier versions, refused with what replaced them.
+RENAMED_FLAGS = {
+    "SEQ_LEN": ("MAX_SEQ_LEN", "which only cuts documents in a packed training chunk; a chunk is BATCH_SCHEDULE / "
+                "max(world size, BATCH_CHUNKS) tokens"),
+    "MICRO_BATCH_ROWS": ("BATCH_CHUNKS", "packed chunks per step; forwards per rank = BATCH_CHUNKS / world size"),
+}
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions and swaps of two neighbours each
+    cost 1 (NROM -> NORM is 1)."""
+    rows = [list(range(len(b) + 1))]
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(rows[i - 1][j] + 1, row[j - 1] + 1, rows[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], rows[i - 2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def typo_tolerance(name: str) -> int:
+    """Edits a misspelling of `name` may hold: none for 3 letters (PWD is not CWD), 1 up to 9, 2 above. Real
+    machine variables (PATH, HOME, TERM, CUDA_VISIBLE_DEVICES, NCCL_*, TORCH_*) are further than that from every
+    flag, so only typos trip it."""
+    return 0 if len(name) <= 3 else 1 if len(name) <= 9 else 2
+
+
+def check_flag_names(environ: Mapping[str, str]) -> None:
+    """ConfigError naming every env var that looks meant for this trainer but is not a flag: a renamed flag, a
+    flag name in another case (norm=derf), or a close misspelling (NROM=derf)."""
+    fields = [env_name(f.name) for f in dataclasses.fields(Hyperparameters)]
+    known = set(fields) | set(LAUNCH_VARS)
+    problems = []
+    for var in sorted(environ):
+        if var in known:
+            continue
+        setting = f"{var}={environ[var]}"
+        if var in RENAMED_FLAGS:
+            replacement, meaning = RENAMED_FLAGS[var]
+            problems.append(f"{setting}: renamed {replacement} ({meaning}); unset {var}")
+            continue
+        upper = var.upper()
+        # the length test first: it bounds the distance from below and spares most distance computations
+        near = [(edit_distance(upper, name), name) for name in fields + list(RENAMED_FLAGS)
+                if abs(len(upper) - len(name)) <= typo_tolerance(name)]
+        near = [(distance, name) for distance, name in near if distance <= typo_tolerance(name)]
+        if not near:
+            continue
+        close = min(near)[1]
+        hint = f" (now {RENAMED_FLAGS[close][0]})" if close in RENAMED_FLAGS else ""
+        kind = "flags are upper case" if upper == close else "not a flag"
+        problems.append(f"{setting}: {kind}; did you mean {close}?{hint}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job, from torchrun's env (a plain `python train_gpt.py` is rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
+def parse_env(environ: Mapping[str, str], cuda_available: bool | None = None) -> tuple[Hyperparameters, Launch]:
+    """The one place that reads the environment: hyperparameter overrides and torchrun's RANK/WORLD_SIZE."""
+    check_flag_names(environ)
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    hints = typing.get_type_hints(Hyperparameters)
+    by_name = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+    preset = environ.get("PRESET", "speedrun" if cuda_available else "cpu").strip()
+    _check_field(by_name["preset"], preset)
+    values: dict[str, object] = {**PRESETS[preset], "preset": preset}
+    for name, f in by_name.items():
+        raw = environ.get(env_name(name))
+        if raw is not None and name != "preset":
+            values[name] = _parse_value(env_name(name), raw, hints[name])
+    hp = Hyperparameters(**values)
+    for f in dataclasses.fields(hp):
+        _check_field(f, getattr(hp, f.name))
+    launch = Launch(*(_parse_launch(environ, key, default) for key, default in
+                      (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
+    check_launch(environ, launch)
+    check_consistency(hp, launch.world_size)
+    return hp, launch
+
+
+def _parse_launch(environ: Mapping[str, str], key: str, default: int) -> int:
+    raw = environ.get(key)
+    if raw is None:
+        return default
+    value = _parse_value(key, raw, int)
+    if value < (1 if key == "WORLD_SIZE" else 0):
+        raise ConfigError(f"{key}={raw}: expected a valid torchrun value; launch with torchrun or unset it")
+    return value
+
+
+def check_launch(environ: Mapping[str, str], launch: Launch) -> None:
+    """A world of several processes needs a rendezvous (torchrun sets MASTER_ADDR/MASTER_PORT for every rank); a
+    plain `python train_gpt.py` under WORLD_SIZE=2 would wait in init_process_group for a rank that never comes."""
+    torchrun = (f"launch with torchrun (torchrun --standalone --nproc_per_node={max(launch.world_size, 2)} "
+                f"train_gpt.py), or unset RANK, LOCAL_RANK and WORLD_SIZE")
+    if launch.rank >= launch.world_size:
+        raise ConfigError(f"RANK={launch.rank}: expected less than WORLD_SIZE={launch.world_size}"
+                          f"{'' if 'WORLD_SIZE' in environ else ' (unset)'}; {torchrun}")
+    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(key)]
+    if launch.world_size > 1 and missing:
+        raise ConfigError(f"WORLD_SIZE={launch.world_size} without {' and '.join(missing)}: one process cannot "
+                          f"start a world of {launch.world_size}; {torchrun}")
+
+
+def check_consistency(hp: Hyperparameters, world_size: int) -> None:
+    """Checks that span fields, all in one error: raising one size often breaks two rules at once, so the error
+    names every field that must change together, with a value that fits. A world size that does not divide the
+    global batch is an error, never a change."""
+    problems = []
+    if hp.num_heads * hp.head_dim != hp.model_dim:
+        problems.append(f"NUM_HEADS={hp.num_heads} * HEAD_DIM={hp.head_dim} != MODEL_DIM={hp.model_dim}: "
+                        "set them so that the product equals the model width")
+    if hp.bos_id >= hp.vocab_size:
+        problems.append(f"BOS_ID={hp.bos_id}: expected below VOCAB_SIZE={hp.vocab_size} (the shards' ids, BOS "
+                        "included, index the embedding)")
+    if hp.gate_input_dim > hp.model_dim:
+        problems.append(f"GATE_INPUT_DIM={hp.gate_input_dim}: expected at most MODEL_DIM={hp.model_dim}")
+    if hp.extension_iterations >= hp.num_iterations:
+        problems.append(f"EXTENSION_ITERATIONS={hp.extension_iterations}: expected fewer than "
+                        f"NUM_ITERATIONS={hp.num_iterations}")
+    if len(hp.lr_boosts) != len(hp.lr_boost_at) + 1:
+        problems.append(f"LR_BOOSTS has {len(hp.lr_boosts)} values: expected one more than LR_BOOST_AT "
+                        f"({len(hp.lr_boost_at)} values)")
+    if hp.momo and hp.adam_step_every != 1:
+        problems.append(f"MOMO=1 with ADAM_STEP_EVERY={hp.adam_step_every}: Momo's model takes one gradient per "
+                        f"step for every parameter; set ADAM_STEP_EVERY=1")
+    if hp.save_checkpoint and hp.checkpoint_every % hp.adam_step_every:
+        every = -(-hp.checkpoint_every // hp.adam_step_every) * hp.adam_step_every
+        problems.append(f"CHECKPOINT_EVERY={hp.checkpoint_every}: expected a multiple of ADAM_STEP_EVERY="
+                        f"{hp.adam_step_every} (a checkpoint in between would lose Adam's accumulated gradients), "
+                        f"e.g. CHECKPOINT_EVERY={every}")
+    if world_size < hp.batch_chunks and hp.batch_chunks % world_size:
+        problems.append(f"world size {world_size} does not divide BATCH_CHUNKS={hp.batch_chunks}: launch a world "
+                        f"size that divides it (gradient accumulation), or one that is a multiple of it")
+    chunks = max(world_size, hp.batch_chunks)
+    unit = chunks * hp.window_block_tokens  # a batch is `chunks` sequences of whole attention blocks
+    round_up = lambda tokens, multiple: max(multiple, -(-tokens // multiple) * multiple)
+    split = lambda pieces: (f"{chunks} {pieces} (max(world size {world_size}, BATCH_CHUNKS={hp.batch_chunks})) of a "
+                            f"multiple of WINDOW_BLOCK_TOKENS={hp.window_block_tokens} tokens")
+    uneven = [batch for batch in hp.batch_schedule if batch % unit]
+    if uneven:
+        fitted = ",".join(str(round_up(batch, unit)) for batch in hp.batch_schedule)
+        problems.append(f"BATCH_SCHEDULE={','.join(map(str, hp.batch_schedule))}: {uneven[0]} tokens do not split "
+                        f"into {split('chunks')}; use multiples of {unit} (e.g. BATCH_SCHEDULE={fitted}), or change "
+                        f"BATCH_CHUNKS, WINDOW_BLOCK_TOKENS or the world size")
+    val_batch_tokens = hp.val_batch_tokens
+    if val_batch_tokens % unit:
+        val_batch_tokens = round_up(val_batch_tokens, unit)
+        problems.append(f"VAL_BATCH_TOKENS={hp.val_batch_tokens}: expected a multiple of {unit}, to split into "
+                        f"{split('sequences')} (e.g. VAL_BATCH_TOKENS={val_batch_tokens})")
+    if hp.val_tokens % val_batch_tokens:
+        fitted = f"VAL_TOKENS={round_up(hp.val_tokens, val_batch_tokens)}"
+        if val_batch_tokens == hp.val_batch_tokens:
+            problems.append(f"VAL_TOKENS={hp.val_tokens}: expected a multiple of VAL_BATCH_TOKENS={val_batch_tokens} "
+                            f"(e.g. {fitted})")
+        else:
+            problems.append(f"VAL_TOKENS={hp.val_tokens}: expected a multiple of VAL_BATCH_TOKENS (e.g. {fitted} "
+                            f"with VAL_BATCH_TOKENS={val_batch_tokens})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
+    """Fills the `auto` (None) fields from the hardware: FP8 on sm90+, compile on CUDA."""
+    on_cuda = device.type == "cuda"
+    fp8 = hp.fp8 if hp.fp8 is not None else (on_cuda and torch.cuda.get_device_capability(device) >= (9, 0))
+    if fp8 and (hp.vocab_size % 16 or hp.model_dim % 16):
+        raise ConfigError(f"FP8 head with VOCAB_SIZE={hp.vocab_size}, MODEL_DIM={hp.model_dim}: torch._scaled_mm "
+                          f"needs both to be multiples of 16; round them up or set FP8=0")
+    if fp8 and not on_cuda:
+        raise ConfigError("FP8=1: the FP8 lm_head needs a CUDA GPU (sm90+); set FP8=0 on this machine")
+    compile_model = hp.compile if hp.compile is not None else on_cuda
+    return dataclasses.replace(hp, fp8=fp8, compile=compile_model)
+
+
+def help_text() -> str:
+    """One line per flag with its speedrun default, for `python train_gpt.py --help`."""
+    lines = ["Env flags (speedrun defaults; PRESET=cpu|ablation|research|test changes some: README, Flags):"]
+    for f in dataclasses.fields(Hyperparameters):
+        default = "auto" if f.default is None else f.default
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata.get("choices") else ""
+        lines.append(f"  {env_name(f.name):24} {str(default):36} {f.metadata['help']}{choices}")
+    lines += ["Any other env var that looks meant as a flag (another case, a close misspelling, a renamed one: "
+              + ", ".join(RENAMED_FLAGS) + ") stops the run.",
+              "Arguments: --help (this), --check (check the flags and LOG_DIR, then exit). Exit codes: 0 finished, "
+              "1 non-finite loss, 2 bad input, 130/143 stopped by SIGINT/SIGTERM."]
+    return "\n".join(lines)
 
 
 # ---- main ----
