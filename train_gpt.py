@@ -20,8 +20,8 @@ where one was saved), peak memory and a `final:` json line, or a `stopped:` line
 
 Sections, in the order a reader meets the ideas: hyperparameters and presets, kernels, distributed (the
 collectives the optimizers use), optimizers, norms, model, data, training loop; then the infrastructure: logging,
-checkpoints, flag checks and the command line, main. Importing this file runs nothing (it only sets PYTORCH_ALLOC_CONF's default): no CUDA, no
-network, no file writes.
+checkpoints, flag checks and the command line, main. Importing this file runs nothing (it only sets
+PYTORCH_ALLOC_CONF's default): no CUDA, no network, no file writes.
 """
 
 from __future__ import annotations
@@ -597,8 +597,13 @@ class LocalUpdate:
 
 
 class LoopOptimizer(torch.optim.Optimizer):
-    """The contract between the training loop and every optimizer here, written once. A new optimizer derives
-    from this class, implements prepare() and _commit_all(), and is built in build_optimizers().
+    """The contract between the training loop and every optimizer here, written once.
+
+    A new optimizer touches these places, and no others (Momo, the loop, checkpoints and diagnostics take it as it
+    is): (1) a class deriving from this one, with prepare() and _commit_all() (a faster step() if it likes; state
+    kept outside self.state needs its own saved_state/load_saved_state); (2) its name in Hyperparameters.optimizer's
+    choices and, if it has one, its lr field; (3) its branch in build_optimizers(); (4) a check_consistency rule
+    for any flag it cannot run with; (5) `python scripts/readme_flags.py` for the README's flag block.
 
     - step_every (constructor): the loop steps the optimizer after the backward of each step with
       (step + 1) % step_every == 0 and after the last step; in between, gradients accumulate in .grad (two steps'
@@ -1417,7 +1422,10 @@ def update_ema_scales(norms: Sequence[DerfEMA]) -> None:
 
 
 def make_norm(hp: Hyperparameters) -> nn.Module:
-    """The block/final norm that NORM selects."""
+    """The block/final norm that NORM selects. A new norm touches: its kernel function and module here (with
+    argument() and squash() if it is a bounded norm, for the diagnostics), its name in Hyperparameters.norm's
+    choices and any init flag, this branch, and `python scripts/readme_flags.py`. Its parameters join Adam's
+    scalar group by themselves (GPT.param_groups)."""
     if hp.norm == "rmsnorm":
         return RMSNorm()
     if hp.norm == "dyt":
@@ -1466,6 +1474,11 @@ def layer_plan(num_layers: int, num_value_embeds: int) -> LayerPlan:
         long_window=tuple(i in (skip_source, n - 1) for i in range(n)),
         value_embed=tuple(value_embed.get(i) if attn[i] else None for i in range(n)),
         skip_source=skip_source, skip_target=skip_target, backout_layer=backout_layer)
+
+
+def window_pair(long_window: int) -> tuple[int, int]:
+    """(short, long) attention windows in blocks: the short layers see half the long window (#48)."""
+    return long_window // 2, long_window
 
 
 def yarn_frequencies(freqs: Tensor, old_window: int, new_window: int, block_tokens: int) -> Tensor:
@@ -1662,13 +1675,13 @@ class GPT(nn.Module):
         # rounded up to whole FlexAttention tiles: forward pads a sequence to them on CUDA
         rotary_len = -(-(max_seq_len or max_sequence_tokens(hp, world_size=1)) // FLEX_BLOCK) * FLEX_BLOCK
         self.rotary = Rotary(hp.head_dim, rotary_len, hp.long_windows[0], hp.window_block_tokens)
-        self.windows = (hp.long_windows[0] // 2, hp.long_windows[0])
+        self.windows = window_pair(hp.long_windows[0])
 
     def set_training_window(self, long_window: int) -> None:
         """The schedule's long window (blocks) for the next forwards, short = long // 2; a change YaRN-rescales the
         rotary table and the attention scale."""
         self.rotary.grow_window(long_window)
-        self.windows = (long_window // 2, long_window)
+        self.windows = window_pair(long_window)
 
     def set_final_windows(self, long_window: int) -> None:
         """The final validation's long window: the short window and the rotary stay as the last training step left
@@ -1677,7 +1690,7 @@ class GPT(nn.Module):
 
     def reset_schedule_state(self) -> None:
         self.rotary.reset()
-        self.windows = (self.hp.long_windows[0] // 2, self.hp.long_windows[0])
+        self.windows = window_pair(self.hp.long_windows[0])
 
     def update_norm_scales(self) -> None:
         """Once per optimizer step, outside the compiled forward: moves NORM=derf_ema's running scales (a no-op
@@ -1978,7 +1991,7 @@ def load_val_sequences(files: list[str], val_tokens: int, sequence_tokens: int, 
 
 def build_optimizers(model: GPT, hp: Hyperparameters) -> list[LoopOptimizer]:
     """The matrix optimizer (every step) and DistAdam for embeddings, scalars and head (every adam_step_every).
-    Each follows LoopOptimizer's contract; a new optimizer is one class and one branch here."""
+    Each follows LoopOptimizer's contract (its docstring lists what a new optimizer touches)."""
     groups = model.param_groups()
     compiled = bool(hp.compile)
     adam_betas = MUONMAX_ADAM_BETAS if hp.optimizer == "muonmax" else (hp.adam_beta1, hp.adam_beta2)
@@ -2142,9 +2155,9 @@ def validation_windows(hp: Hyperparameters) -> list[tuple[int, int]]:
     for step in range(hp.num_iterations):
         if validates_at(step, hp):
             long_window = schedule_phase(step, hp)[1]
-            windows.append((long_window // 2, long_window))
+            windows.append(window_pair(long_window))
     last_long = schedule_phase(hp.num_iterations - 1, hp)[1]
-    windows.append((last_long // 2, hp.final_window))
+    windows.append((window_pair(last_long)[0], hp.final_window))  # the final validation: short stays
     return list(dict.fromkeys(windows))
 
 
@@ -2565,6 +2578,14 @@ def checkpoint_exception() -> type:
     return CheckpointException
 
 
+@contextlib.contextmanager
+def quiet_single_process() -> Iterator[None]:
+    """torch.distributed.checkpoint warns at every save and load without a process group (world size 1)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _rank_prefix(r: int) -> str:
     return f"rank{r}/"
 
@@ -2654,8 +2675,7 @@ class Checkpointer:
             path.mkdir(parents=True)
         if world_size() > 1:
             dist.barrier()  # the folder exists before any rank writes into it
-        with warnings.catch_warnings():  # at world size 1 it warns that it saves without a process group
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with quiet_single_process():
             dcp.save(checkpoint_state(state, step, train_ms, tokens), storage_writer=dcp.FileSystemWriter(path),
                      no_dist=world_size() == 1)
         if rank() == 0:
@@ -2879,8 +2899,7 @@ def load_checkpoint(state: TrainState, path: Path) -> tuple[int, float, int]:
         if not hasattr(item, "size"):
             raise ConfigError(f"RESUME={path}: {key} is not a tensor; this file was not written by train_gpt.py")
         target[key] = torch.empty(item.size, dtype=item.properties.dtype)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_single_process():
         dcp.load(target, storage_reader=safe_reader(path), no_dist=world_size() == 1)
     model, device = state.model, state.device
     model.load_state_dict(unprefixed("model/", target), strict=True)
