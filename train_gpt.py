@@ -1577,9 +1577,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = hp.num_heads, hp.head_dim
         width = hp.num_heads * hp.head_dim
-        bound = math.sqrt(3) * 0.5 / math.sqrt(hp.model_dim)
+        bound = math.sqrt(3) * 0.5 / math.sqrt(hp.model_dim)  # uniform(-b, b) has std b / sqrt(3): 0.5 / sqrt(dim)
         qkvo = torch.empty(4 * width, hp.model_dim).uniform_(-bound, bound)
-        qkvo[3 * width:].zero_()
+        qkvo[3 * width:].zero_()  # O zero (#48): every attention starts as a no-op on the residual stream
         self.qkvo_w = nn.Parameter(qkvo)
         # bf16 on CUDA as #48 (NorMuon updates it in bf16); the embeddings' dtype in general
         self.attn_gate = nn.Parameter(torch.zeros(hp.num_heads, hp.gate_input_dim, dtype=gate_dtype))
@@ -1608,8 +1608,9 @@ class MLP(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         hidden = hp.mlp_ratio * hp.model_dim
-        bound = math.sqrt(3) * 0.5 / math.sqrt(hp.model_dim)
+        bound = math.sqrt(3) * 0.5 / math.sqrt(hp.model_dim)  # std 0.5 / sqrt(dim), as qkvo_w
         self.c_fc = nn.Parameter(torch.empty(hidden, hp.model_dim).uniform_(-bound, bound))
+        # stored (hidden, dim) like c_fc, not (dim, hidden): NorMuon batches the two as one shape
         self.c_proj = nn.Parameter(torch.zeros(hidden, hp.model_dim))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -1669,6 +1670,8 @@ class GPT(nn.Module):
         # (a (1,) one would promote the product to fp32)
         self.scalar_slices = {"lambdas": slice(0, 2 * n), "sa_lambdas": slice(2 * n, 4 * n),
                               "skip": 4 * n, "smear": 4 * n + 1, "backout": 4 * n + 2}
+        # #48's initial values: per layer lambdas (1.1 on x, 0 on x0) and sa_lambdas (0.5 on qkv, 1 on o); then
+        # skip -1.5 (its sigmoid gate starts at 0.18), smear 0, backout 0.5
         scalars = torch.cat([torch.tensor([1.1, 0.0]).repeat(n), torch.tensor([0.5, 1.0]).repeat(n),
                              torch.tensor([-1.5, 0.0, 0.5])])
         self.scalars = nn.Parameter(scalars)
@@ -1731,11 +1734,12 @@ class GPT(nn.Module):
                              f"({self.rotary.cos.size(0)} rows): build GPT with max_seq_len >= the longest sequence")
         scalars = {name: self.scalars[s] for name, s in self.scalar_slices.items()}
         x = self.embed(idx)[None]  # (1, T, model_dim)
+        # smear (#48): every position but the first adds a gated share of the previous token's embedding
         gate = torch.sigmoid(F.linear(x[:, 1:, :hp.gate_input_dim], self.smear_gate.type_as(x)))
         # fp32 0-D scalars multiply bf16 activations as they are (#48): rounding them to bf16 first (.type_as) would
         # shift e.g. YaRN's attention factor by up to 0.2%; the products stay bf16
         x = torch.cat([x[:, :1], x[:, 1:] + scalars["smear"] * gate * x[:, :-1]], dim=1)
-        x = x0 = rms_norm(x)
+        x = x0 = rms_norm(x)  # x0: the normed embedding that every block mixes back in (lambdas[1])
         value_embeds = [table(idx)[None] for table in self.value_embeds]
         shared = AttnInputs(cos=self.rotary.cos, sin=self.rotary.sin, scale=hp.attn_scale,
                             yarn_factor=self.rotary.scale_factor)
@@ -1746,7 +1750,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if block.attn is None and block.mlp is None:
                 continue
-            if i == plan.skip_target and skip is not None:
+            if i == plan.skip_target and skip is not None:  # U-net skip: an early layer's output, gated
                 x = x + torch.sigmoid(scalars["skip"]) * skip
             ve = value_embeds[plan.value_embed[i]] if plan.value_embed[i] is not None else None
             window = self.windows[int(plan.long_window[i])]  # int(): torch 2.11's dynamo refuses a bool index
@@ -1756,7 +1760,7 @@ class GPT(nn.Module):
                 skip = x
             if i == plan.backout_layer:
                 backout = x
-        if backout is not None:
+        if backout is not None:  # backout (#48): a share of a middle layer's output leaves before the head
             x = x - scalars["backout"] * backout
         x = self.final_norm(x)[0]  # (T, model_dim)
         if self.training:
@@ -1935,20 +1939,20 @@ class PackedLoader:
         self.document = 0
         self._prefetch()
 
-    def _chunk_pieces(self, chunk_tokens: int) -> list[tuple[int, int]]:
+    def _chunk_ranges(self, chunk_tokens: int) -> list[tuple[int, int]]:
         """[start, end) token ranges of the next chunk (chunk_tokens + 1 tokens in all), moving past it."""
         while True:  # the rest of this shard, then a fresh one
-            pieces, have, document = [], 0, self.document
+            ranges, have, document = [], 0, self.document
             while have < chunk_tokens + 1 and document < self.bos.size:
                 start = int(self.bos[document])
                 next_start = int(self.bos[document + 1]) if document + 1 < self.bos.size else self.tokens.size
                 end = min(next_start, start + self.max_seq_len, start + chunk_tokens + 1 - have)
-                pieces.append((start, end))
+                ranges.append((start, end))
                 have += end - start
                 document += 1
             if have == chunk_tokens + 1:
                 self.document = document
-                return pieces
+                return ranges
             if self.document == 0:  # a whole shard, from its first document, is too short
                 raise ShardError(f"{self.files[self.shard]}: too few documents for one chunk of {chunk_tokens + 1} "
                                  f"tokens; use bigger shards or a smaller batch. {DATA_HINT}")
@@ -1959,9 +1963,9 @@ class PackedLoader:
         on the CPU (pinned when pin_memory)."""
         mine = []
         for chunk in range(accum_steps * self.world_size):
-            pieces = self._chunk_pieces(chunk_tokens)
+            ranges = self._chunk_ranges(chunk_tokens)
             if chunk % self.world_size == self.rank:
-                tokens = torch.from_numpy(np.concatenate([self.tokens[a:b] for a, b in pieces]).astype(np.int32))
+                tokens = torch.from_numpy(np.concatenate([self.tokens[a:b] for a, b in ranges]).astype(np.int32))
                 mine.append(tokens.pin_memory() if self.pin_memory else tokens)
         return mine
 
