@@ -264,3 +264,93 @@ def test_a_resume_restores_every_piece_of_state(round_trips, case, piece):
     assert differences(saved, fresh), (f"{what}: a fresh state already holds what step {SAVE_AT} holds, so this "
                                        f"round trip cannot tell whether the checkpoint restores it")
     assert differences(saved, restored) == [], f"{what}: not restored by the checkpoint"
+
+
+# ---- every setting a resume refuses ----
+
+# The settings a resumed run may change: where things go, how often they are logged or saved. Written out here (not
+# read from train_gpt.RESUMABLE_KEYS) so that adding a key there is a change a test notices.
+RESUMABLE = {"log_dir", "run_tag", "train_files", "val_files", "train_log_every", "diagnostics", "diag_every",
+             "warmup", "save_checkpoint", "checkpoint_every", "checkpoint_dir", "checkpoint_keep", "resume",
+             "dist_timeout"}
+FIELDS = {f.name: f for f in dataclasses.fields(T.Hyperparameters)}
+HINTS = typing.get_type_hints(T.Hyperparameters)
+TRAIN_FILES = ["data/train_000000.bin", "data/train_000001.bin"]
+
+
+def another_valid_value(name: str, value: object) -> object:
+    """A value of the field other than `value` that its own rule accepts: one a user could set by env."""
+    kind, choices = HINTS[name], FIELDS[name].metadata.get("choices")
+    if choices:
+        candidates = list(choices)
+    elif kind is bool:
+        candidates = [not value]
+    elif kind == (bool | None):
+        candidates = [True, False, None]
+    elif kind is int:
+        candidates = [value + 1, value + 4, value * 2]
+    elif kind is float:
+        candidates = [value / 2, value + 0.5, value + 1.0]
+    elif kind is str:
+        candidates = [value + "_other"]
+    else:  # a tuple of numbers
+        last = value[-1] if value else 0
+        candidates = [value + (last,), value + ((last + 1) / 2,), value[:-1], (1,)]
+    for candidate in candidates:
+        if candidate != value and valid_for_field(FIELDS[name], candidate):
+            return candidate
+    raise AssertionError(f"no other valid value of {name} from {value!r}: extend another_valid_value")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_hp() -> T.Hyperparameters:
+    return T.parse_env({"PRESET": "test", "TRAIN_FILES": "data/train_*.bin", "VAL_FILES": "data/val_*.bin"},
+                       cuda_available=False)[0]
+
+
+def test_the_resumable_settings_are_where_things_go_and_how_often():
+    assert set(T.RESUMABLE_KEYS) == RESUMABLE
+    assert RESUMABLE <= set(FIELDS)
+
+
+@pytest.mark.parametrize("name", sorted(set(FIELDS) - RESUMABLE))
+def test_resume_refuses_every_other_setting_changed(checkpoint_hp, name):
+    changed = dataclasses.replace(checkpoint_hp, **{name: another_valid_value(name, getattr(checkpoint_hp, name))})
+    with pytest.raises(T.ConfigError) as error:
+        check_resume(checkpoint_meta(checkpoint_hp, TRAIN_FILES), changed, TRAIN_FILES)
+    assert f"differs in {name.upper()}=" in str(error.value) and "in the checkpoint" in str(error.value)
+
+
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_resume_accepts_each_resumable_setting_changed(checkpoint_hp, name):
+    changed = dataclasses.replace(checkpoint_hp, **{name: another_valid_value(name, getattr(checkpoint_hp, name))})
+    check_resume(checkpoint_meta(checkpoint_hp, TRAIN_FILES), changed, TRAIN_FILES)
+
+
+def test_resume_accepts_every_resumable_setting_changed_at_once(checkpoint_hp):
+    changed = dataclasses.replace(checkpoint_hp, **{name: another_valid_value(name, getattr(checkpoint_hp, name))
+                                                    for name in RESUMABLE})
+    check_resume(checkpoint_meta(checkpoint_hp, TRAIN_FILES), changed, TRAIN_FILES)
+
+
+def test_resume_refuses_a_setting_only_one_side_knows(checkpoint_hp):
+    """A checkpoint of another version of the trainer: a flag it had that this one lacks, or the other way."""
+    meta = checkpoint_meta(checkpoint_hp, TRAIN_FILES)
+    meta["config"]["retired_flag"] = 1
+    with pytest.raises(T.ConfigError, match=r"RETIRED_FLAG=1 in the checkpoint, \(absent\) now"):
+        check_resume(meta, checkpoint_hp, TRAIN_FILES)
+    meta = checkpoint_meta(checkpoint_hp, TRAIN_FILES)
+    del meta["config"]["momo_beta"]
+    with pytest.raises(T.ConfigError, match=r"MOMO_BETA=\(absent\) in the checkpoint, 0.9 now"):
+        check_resume(meta, checkpoint_hp, TRAIN_FILES)
+
+
+def test_resume_refuses_another_world_size_or_other_shards(checkpoint_hp):
+    meta = {**checkpoint_meta(checkpoint_hp, TRAIN_FILES), "world_size": 2}
+    with pytest.raises(T.ConfigError, match=r"written by 2 rank\(s\), this run has 1"):
+        check_resume(meta, checkpoint_hp, TRAIN_FILES)
+    meta = checkpoint_meta(checkpoint_hp, TRAIN_FILES)
+    for other in (TRAIN_FILES[:1], TRAIN_FILES[::-1], TRAIN_FILES + ["data/train_000002.bin"]):
+        with pytest.raises(T.ConfigError, match="point TRAIN_FILES at the same shards"):
+            check_resume(meta, checkpoint_hp, other)
+    check_resume(meta, checkpoint_hp, ["elsewhere/" + Path(f).name for f in TRAIN_FILES])  # the names count
