@@ -354,3 +354,25 @@ def test_resume_refuses_another_world_size_or_other_shards(checkpoint_hp):
         with pytest.raises(T.ConfigError, match="point TRAIN_FILES at the same shards"):
             check_resume(meta, checkpoint_hp, other)
     check_resume(meta, checkpoint_hp, ["elsewhere/" + Path(f).name for f in TRAIN_FILES])  # the names count
+
+
+# ---- the checkpoint RESUME picks in a folder ----
+
+def test_resume_picks_the_newest_finished_checkpoint_of_a_folder(tmp_path):
+    # made out of order (neither creation order nor mtime is the step order); step 8 and step 12 were cut off
+    # while saving (no meta.json), step 12 after every finished one
+    for step, finished in ((10, True), (2, True), (12, False), (4, True), (8, False)):
+        write_step_folder(tmp_path, step, finished)
+    assert pick_checkpoint(tmp_path) == tmp_path / "step_000010"
+    assert pick_checkpoint(tmp_path / "step_000004") == tmp_path / "step_000004"  # a step folder is itself
+    with pytest.raises(T.ConfigError, match="an incomplete checkpoint"):
+        pick_checkpoint(tmp_path / "step_000012")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: checkpoint_steps sorts step folders by name; step_1000000 sorts "
+                                       "before step_999998, so past 999,999 steps RESUME picks an older checkpoint "
+                                       "(and CHECKPOINT_KEEP prunes the newest)")
+def test_resume_picks_the_newest_checkpoint_past_a_million_steps(tmp_path):
+    for step in (999_998, 1_000_000):
+        write_step_folder(tmp_path, step)
+    assert pick_checkpoint(tmp_path) == tmp_path / "step_1000000"
