@@ -376,3 +376,65 @@ def test_resume_picks_the_newest_checkpoint_past_a_million_steps(tmp_path):
     for step in (999_998, 1_000_000):
         write_step_folder(tmp_path, step)
     assert pick_checkpoint(tmp_path) == tmp_path / "step_1000000"
+
+
+# ---- the steps where a checkpoint may be saved: never inside an ADAM_STEP_EVERY cycle ----
+
+def stop_hp(adam_step_every: int, num_iterations: int, checkpoint_every: int = 0) -> T.Hyperparameters:
+    return T.parse_env({"PRESET": "test", "SAVE_CHECKPOINT": "1", "ADAM_STEP_EVERY": str(adam_step_every),
+                        "NUM_ITERATIONS": str(num_iterations), "CHECKPOINT_EVERY": str(checkpoint_every)},
+                       cuda_available=False)[0]
+
+
+# (ADAM_STEP_EVERY, NUM_ITERATIONS, the steps after which Adam holds no unapplied gradient): Adam steps after every
+# ADAM_STEP_EVERY-th training step and after the last one, so a checkpoint before training step s is whole when s
+# is a multiple of ADAM_STEP_EVERY or the end
+ADAM_CYCLES = [(2, 7, [2, 4, 6, 7]), (2, 8, [2, 4, 6, 8]), (3, 8, [3, 6, 8]), (1, 4, [1, 2, 3, 4])]
+CYCLE_IDS = [f"adam_every_{every}_of_{steps}" for every, steps, _ in ADAM_CYCLES]
+
+
+@pytest.mark.parametrize("adam_step_every, num_iterations, whole", ADAM_CYCLES, ids=CYCLE_IDS)
+def test_a_stop_saves_only_where_adam_has_just_stepped(adam_step_every, num_iterations, whole):
+    hp = stop_hp(adam_step_every, num_iterations)
+    assert [s for s in range(num_iterations + 1) if may_save_on_stop(hp, 0, s)] == whole
+    # resumed at the first whole step: nothing until the next one (that checkpoint exists already)
+    resumed_at = whole[0]
+    assert [s for s in range(num_iterations + 1) if may_save_on_stop(hp, resumed_at, s)] == whole[1:]
+
+
+@pytest.mark.parametrize("adam_step_every, num_iterations, whole", ADAM_CYCLES, ids=CYCLE_IDS)
+def test_periodic_checkpoints_fall_only_where_adam_has_just_stepped(adam_step_every, num_iterations, whole):
+    """Every CHECKPOINT_EVERY the flag check lets through saves only at whole steps; the others are refused."""
+    for every in range(num_iterations + 2):
+        hp = stop_hp(adam_step_every, num_iterations)
+        hp = dataclasses.replace(hp, checkpoint_every=every)
+        try:
+            T.check_consistency(hp, 1)
+        except T.ConfigError as error:
+            assert every % adam_step_every and "CHECKPOINT_EVERY" in str(error)
+            continue
+        due = [s for s in range(num_iterations + 1) if saves_periodically(hp, 0, s)]
+        assert set(due) <= set(whole) and num_iterations in due, (every, due)
+        assert not saves_periodically(hp, num_iterations, num_iterations)  # never twice at one step
+
+
+def test_whole_steps_are_where_adam_holds_no_gradient(shards, tmp_path):
+    """The rule of the two tests above, held against the loop itself: after each training step of an
+    ADAM_STEP_EVERY=2 run, a stop may save exactly when no Adam parameter holds an accumulated gradient."""
+    adam_step_every, num_iterations, whole = ADAM_CYCLES[0]
+    env = state_env(shards, tmp_path, ADAM_STEP_EVERY=adam_step_every, NUM_ITERATIONS=num_iterations,
+                    SAVE_CHECKPOINT=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = build_state(env)
+        adam = state.optimizers[1]
+        adam_params = [p for group in adam.param_groups for p in group["params"]]
+        holds_no_gradient = []
+        for step in range(num_iterations):
+            T.train_step(state, step)
+            holds_no_gradient.append(all(p.grad is None for p in adam_params))
+    finally:
+        torch.set_num_threads(threads)
+    assert [s + 1 for s, clean in enumerate(holds_no_gradient) if clean] == whole
+    assert [s for s in range(1, num_iterations + 1) if may_save_on_stop(state.hp, 0, s)] == whole
