@@ -380,10 +380,9 @@ def test_resume_picks_the_newest_checkpoint_past_a_million_steps(tmp_path):
 
 # ---- the steps where a checkpoint may be saved: never inside an ADAM_STEP_EVERY cycle ----
 
-def stop_hp(adam_step_every: int, num_iterations: int, checkpoint_every: int = 0) -> T.Hyperparameters:
+def stop_hp(adam_step_every: int, num_iterations: int) -> T.Hyperparameters:
     return T.parse_env({"PRESET": "test", "SAVE_CHECKPOINT": "1", "ADAM_STEP_EVERY": str(adam_step_every),
-                        "NUM_ITERATIONS": str(num_iterations), "CHECKPOINT_EVERY": str(checkpoint_every)},
-                       cuda_available=False)[0]
+                        "NUM_ITERATIONS": str(num_iterations)}, cuda_available=False)[0]
 
 
 # (ADAM_STEP_EVERY, NUM_ITERATIONS, the steps after which Adam holds no unapplied gradient): Adam steps after every
@@ -406,8 +405,7 @@ def test_a_stop_saves_only_where_adam_has_just_stepped(adam_step_every, num_iter
 def test_periodic_checkpoints_fall_only_where_adam_has_just_stepped(adam_step_every, num_iterations, whole):
     """Every CHECKPOINT_EVERY the flag check lets through saves only at whole steps; the others are refused."""
     for every in range(num_iterations + 2):
-        hp = stop_hp(adam_step_every, num_iterations)
-        hp = dataclasses.replace(hp, checkpoint_every=every)
+        hp = dataclasses.replace(stop_hp(adam_step_every, num_iterations), checkpoint_every=every)
         try:
             T.check_consistency(hp, 1)
         except T.ConfigError as error:
