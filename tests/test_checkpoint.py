@@ -4,11 +4,13 @@ Every run is a `test`-preset subprocess on synthetic shards. A resumed run is co
 bit for bit: the loss lines after the resume point, and every tensor of the two runs' final checkpoints (model,
 optimizer shards, schedule, loader, Momo, RNG)."""
 
+import collections
 import concurrent.futures
 import enum
 import io
 import json
 import os
+import pathlib
 import pickle
 import re
 import shutil
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint import filesystem as dcp_filesystem, metadata as dcp_metadata
 
 import train_gpt as T
 from conftest import preset_env, synthetic_tokens, write_shards, write_test_shard
@@ -586,3 +589,71 @@ def test_getattr_itself_is_never_handed_out():
         assert unpickler.find_class(module, "getattr") is not getattr
     with pytest.raises(pickle.UnpicklingError):
         unpickler.find_class("builtins", "setattr")
+
+
+# ---- the restricted unpickler's rules, one name each: what a checkpoint's metadata is made of loads, nothing else ----
+
+METADATA, FILESYSTEM = dcp_metadata.__name__, dcp_filesystem.__name__
+
+
+def global_pickle(module: str, name: str) -> bytes:
+    """Protocol-2 opcodes that only push the global module.name: the unpickler's find_class alone decides."""
+    return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n."
+
+
+@pytest.mark.parametrize("module, name, expected", [
+    # the checkpoint modules' own plain data: dataclasses and enums defined there
+    (METADATA, "Metadata", dcp_metadata.Metadata),
+    (METADATA, "TensorStorageMetadata", dcp_metadata.TensorStorageMetadata),
+    (METADATA, "_MEM_FORMAT_ENCODING", dcp_metadata._MEM_FORMAT_ENCODING),
+    (FILESYSTEM, "_StorageInfo", dcp_filesystem._StorageInfo),
+    # torch's sizes and dtypes
+    ("torch", "Size", torch.Size),
+    ("torch", "float32", torch.float32),
+    ("torch", "bfloat16", torch.bfloat16),
+    # the two single names
+    ("torch.serialization", "_get_layout", torch.serialization._get_layout),
+    ("collections", "OrderedDict", collections.OrderedDict),
+    # paths, under either module name
+    ("pathlib", "PosixPath", pathlib.PosixPath),
+    ("pathlib", "WindowsPath", pathlib.WindowsPath),
+    ("pathlib._local", "PurePosixPath", pathlib.PurePosixPath),
+])
+def test_each_name_of_a_checkpoints_metadata_loads(module, name, expected):
+    assert unpickle_metadata(global_pickle(module, name)) is expected
+
+
+@pytest.mark.parametrize("module, name", [
+    # a checkpoint module's name that is not its own plain data: a planner dataclass, a class and an enum base that
+    # it imports, a class with behaviour, a function, a name it lacks
+    (FILESYSTEM, "LoadPlan"),
+    (FILESYSTEM, "Path"),
+    (METADATA, "Enum"),
+    (FILESYSTEM, "FileSystemReader"),
+    (FILESYSTEM, "_write_item"),
+    (METADATA, "no_such_name"),
+    # torch: Size and dtypes only
+    ("torch", "load"),
+    ("torch", "Tensor"),
+    ("torch", "device"),
+    # the single names only, not their modules' other names
+    ("torch.serialization", "load"),
+    ("collections", "defaultdict"),
+    # pathlib: the three path classes only
+    ("pathlib", "Path"),
+    ("pathlib._local", "Path"),
+    ("pathlib", "PureWindowsPath"),
+    # builtins: getattr only (handed out as the guarded stand-in)
+    ("builtins", "eval"),
+    ("builtins", "exec"),
+    ("builtins", "__import__"),
+    ("builtins", "open"),
+    ("__builtin__", "eval"),
+    # any other module
+    ("os", "system"),
+    ("subprocess", "Popen"),
+    ("importlib", "import_module"),
+])
+def test_every_other_name_is_refused(module, name):
+    with pytest.raises(pickle.UnpicklingError, match=re.escape(f"{module}.{name} is not part of a checkpoint's")):
+        unpickle_metadata(global_pickle(module, name))

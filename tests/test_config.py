@@ -1,5 +1,6 @@
 """Hyperparameters: presets, typed env overrides and their errors."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -299,3 +300,68 @@ def test_research_preset_is_byte_level_and_its_matrices_hold_most_parameters():
     assert parse({"PRESET": "cpu"})[0].bos_id == T.BOS_ID == 50256  # GPT-2's <|endoftext|>, as #48
     with pytest.raises(T.ConfigError, match="BOS_ID=384: expected below VOCAB_SIZE=384"):
         T.check_consistency(parse({"PRESET": "research", "BOS_ID": "384"})[0], 1)
+
+
+# ---- every check_consistency rule at its boundary: the value just allowed passes, the one just outside is refused ----
+
+# {rule: ([(world size, settings just allowed)], [(world size, settings just outside, words of its refusal)])}, on
+# the `test` preset: MODEL_DIM=32 (1 head of 32), VOCAB_SIZE=50304, NUM_ITERATIONS=8, BATCH_CHUNKS=2,
+# WINDOW_BLOCK_TOKENS=16 (a batch splits into units of 2 * 16 tokens), VAL_BATCH_TOKENS=256, VAL_TOKENS=1024
+CONSISTENCY_BOUNDARIES = {
+    "heads_times_head_dim": (
+        [(1, dict(num_heads=2, head_dim=16))],
+        [(1, dict(head_dim=28), "NUM_HEADS=1 * HEAD_DIM=28 != MODEL_DIM=32"),
+         (1, dict(head_dim=36), "NUM_HEADS=1 * HEAD_DIM=36 != MODEL_DIM=32")]),
+    "bos_below_vocab": (
+        [(1, dict(bos_id=50303))],
+        [(1, dict(bos_id=50304), "BOS_ID=50304: expected below VOCAB_SIZE=50304")]),
+    "gate_input_dim": (
+        [(1, dict(gate_input_dim=32))],
+        [(1, dict(gate_input_dim=33), "GATE_INPUT_DIM=33: expected at most MODEL_DIM=32")]),
+    "extension_iterations": (
+        [(1, dict(extension_iterations=7))],
+        [(1, dict(extension_iterations=8), "EXTENSION_ITERATIONS=8: expected fewer than NUM_ITERATIONS=8")]),
+    "lr_boosts": (
+        [(1, dict(lr_boosts=(1.0, 2.0), lr_boost_at=(0.5,)))],
+        [(1, dict(lr_boosts=(1.0, 2.0, 3.0), lr_boost_at=(0.5,)), "LR_BOOSTS has 3 values: expected one more than"),
+         (1, dict(lr_boosts=(1.0,), lr_boost_at=(0.5,)), "LR_BOOSTS has 1 values: expected one more than")]),
+    "momo_steps_adam_every_step": (
+        [(1, dict(momo=True, adam_step_every=1)), (1, dict(momo=False, adam_step_every=2))],
+        [(1, dict(momo=True, adam_step_every=2), "MOMO=1 with ADAM_STEP_EVERY=2")]),
+    "checkpoint_every_whole_adam_cycles": (
+        [(1, dict(save_checkpoint=True, adam_step_every=2, checkpoint_every=4)),
+         (1, dict(save_checkpoint=True, adam_step_every=2, checkpoint_every=0)),
+         (1, dict(save_checkpoint=False, adam_step_every=2, checkpoint_every=3))],
+        [(1, dict(save_checkpoint=True, adam_step_every=2, checkpoint_every=3),
+          "CHECKPOINT_EVERY=3: expected a multiple of ADAM_STEP_EVERY=2"),
+         (1, dict(save_checkpoint=True, adam_step_every=2, checkpoint_every=5), "CHECKPOINT_EVERY=5: expected")]),
+    # BATCH_CHUNKS=4 on 768-token batches: every world size below passes the batch and validation rules
+    "world_size_divides_batch_chunks": (
+        [(world, dict(batch_chunks=4, batch_schedule=(768,), val_batch_tokens=768, val_tokens=1536))
+         for world in (1, 2, 4, 6)],
+        [(3, dict(batch_chunks=4, batch_schedule=(768,), val_batch_tokens=768, val_tokens=1536),
+          "world size 3 does not divide BATCH_CHUNKS=4")]),
+    "batch_splits_into_whole_blocks": (
+        [(1, dict(batch_schedule=(64, 96)))],
+        [(1, dict(batch_schedule=(64, 80)), "BATCH_SCHEDULE=64,80: 80 tokens do not split into 2 chunks"),
+         (1, dict(batch_schedule=(97,)), "BATCH_SCHEDULE=97: 97 tokens do not split")]),
+    "val_batch_splits_into_whole_blocks": (
+        [(1, dict(val_batch_tokens=96, val_tokens=960))],
+        [(1, dict(val_batch_tokens=80, val_tokens=960), "VAL_BATCH_TOKENS=80: expected a multiple of 32")]),
+    "val_tokens_whole_validation_steps": (
+        [(1, dict(val_tokens=1280))],
+        [(1, dict(val_tokens=1279), "VAL_TOKENS=1279: expected a multiple of VAL_BATCH_TOKENS=256"),
+         (1, dict(val_tokens=1281), "VAL_TOKENS=1281: expected a multiple of VAL_BATCH_TOKENS=256")]),
+}
+
+
+@pytest.mark.parametrize("rule", list(CONSISTENCY_BOUNDARIES))
+def test_each_consistency_rule_at_its_boundary(rule):
+    base = parse({"PRESET": "test"})[0]
+    allowed, refused = CONSISTENCY_BOUNDARIES[rule]
+    for world, settings in allowed:
+        T.check_consistency(dataclasses.replace(base, **settings), world)
+    for world, settings, words in refused:
+        with pytest.raises(T.ConfigError) as error:
+            T.check_consistency(dataclasses.replace(base, **settings), world)
+        assert words in str(error.value), (settings, str(error.value))

@@ -555,3 +555,62 @@ def test_resumed_logs_edge_cases(tmp_path: Path, capsys: pytest.CaptureFixture) 
     continuation(tmp_path / "fourth.txt", 3.2775, "other", None)  # malformed: step null
     malformed = run_main(capsys, str(tmp_path))
     assert "fourth.txt" in malformed.stderr and "`resumed:` needs from_log" in malformed.stderr
+
+
+def write_resumable_log(path: Path, vals: dict[int, float], total: int = 12, resumed: tuple[str, int] | None = None,
+                        finished: bool = True) -> Path:
+    """A project log whose validations are `vals` ({step: val_loss}), each followed by a diag line of that step
+    carrying the same loss; with `resumed` (the log it continues, the step), a RESUME run's `resumed:` line.
+    Unfinished: it ends without a final line, as a run killed mid-way."""
+    lines = [FAKE_SOURCE, "=" * 100, "config: " + json.dumps({"norm": "rmsnorm", "seed": 0, "num_iterations": total})]
+    if resumed is not None:
+        lines.append("resumed: " + json.dumps({"from_log": resumed[0], "checkpoint": "x", "step": resumed[1]}))
+    for step, loss in sorted(vals.items()):
+        lines.append(f"step:{step}/{total} val_loss:{loss:.4f} train_time:{step * 60}ms step_avg:60.00ms")
+        lines.append("diag: " + json.dumps({"step": step, "val_loss": loss}))
+    if finished:
+        lines.append("final: " + json.dumps({"val_loss": vals[total], "step": total, "num_iterations": total,
+                                             "train_time_ms": total * 60.0, "status": "complete"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def joined_run(folder: Path) -> validate.Run:
+    (run,) = validate.join_resumed([validate.parse_log(path) for path in sorted(folder.glob("*.txt"))])
+    return run
+
+
+def curves(run: validate.Run) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(the val curve, the diag lines as (step, val_loss)) of a run."""
+    return run.val_curve, [(d["step"], d["val_loss"]) for d in run.diagnostics]
+
+
+# The first run validated at 6 and saved its checkpoint there, went on to validate at 9, and was killed; its
+# continuation resumed from step 6 validates at 6 again. In a real pair the two step-6 losses are equal; here they
+# differ by 0.01, so that a point tells which log it came from.
+FIRST = {0: 10.8, 3: 5.0, 6: 4.61, 9: 4.41}
+JOINED = [(0, 10.8), (3, 5.0), (6, 4.6), (9, 4.3), (12, 4.1)]
+
+
+def test_a_resumed_pair_counts_the_resume_steps_validation_once_from_the_continuation(tmp_path: Path) -> None:
+    write_resumable_log(tmp_path / "a_first.txt", FIRST, finished=False)
+    write_resumable_log(tmp_path / "b_second.txt", {6: 4.6, 9: 4.3, 12: 4.1}, resumed=("a_first", 6))
+    run = joined_run(tmp_path)
+    assert run.path.name == "b_second.txt" and run.final_loss == 4.1
+    assert curves(run) == (JOINED, JOINED)  # step 6 once, the continuation's; the first run's step 9 left out
+
+
+def test_a_chain_of_resumes_joins_each_log_at_its_own_resume_step(tmp_path: Path) -> None:
+    # the second log, resumed at 6, was killed after its validation at 9, where it had saved; the third resumed
+    # there. Named against the chain's order, so that the order of the inputs is not the order of the joins.
+    write_resumable_log(tmp_path / "c_first.txt", FIRST, finished=False)
+    write_resumable_log(tmp_path / "b_second.txt", {6: 4.6, 9: 4.31}, resumed=("c_first", 6), finished=False)
+    write_resumable_log(tmp_path / "a_third.txt", {9: 4.3, 12: 4.1}, resumed=("b_second", 9))
+    run = joined_run(tmp_path)
+    assert run.path.name == "a_third.txt"
+    assert curves(run) == (JOINED, JOINED)
+
+
+def test_a_continuation_alone_starts_its_curve_at_the_resume_step(tmp_path: Path) -> None:
+    write_resumable_log(tmp_path / "b_second.txt", {6: 4.6, 9: 4.3, 12: 4.1}, resumed=("a_first", 6))
+    assert curves(joined_run(tmp_path)) == (JOINED[2:], JOINED[2:])
