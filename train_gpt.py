@@ -1103,21 +1103,10 @@ MUONMAX_ADAM_BETAS = (0.95, 0.95)  # MuonMax's Adam part, no bias correction (th
 
 class MuonMax(NorMuon):
     """OPTIMIZER=muonmax: regularized steepest descent in a max-of-layers norm (Crawshaw, Modi, Liu & Gower, "An
-    Exploration of Non-Euclidean Gradient Descent: Muon and its Many Variants", arXiv 2510.09827).
-
-    Our reading, as implemented (the paper's own equations were not available to us): every matrix block l
-    (qkvo_w's four blocks separately) has the scaled spectral norm ||W||_op / s_l with s_l = max(1, rows/cols)**0.5
-    * lr_mul (Muon's shape factor, rows/cols of the stored parameter). Steepest descent with a quadratic
-    regularizer in the max over layers of these norms moves every block along its own unit direction,
-    s_l * polar(M_l), by the same amount: lr times the dual norm of the momentum, which for a max of norms is the
-    SUM of the blocks' dual norms s_j * ||M_j||_nuc. So W_l <- W_l - lr * (sum_j s_j ||M_j||_nuc) * s_l polar(M_l):
-    one scalar for all blocks on all ranks, one all-reduce per step. ||M||_nuc = <M, polar(M)>, from the same
-    Polar Express call (its singular values lie within ~15% of 1, so the sum is that close too). M is an EMA of the
-    per-token-mean gradient (momentum, no Nesterov; the raw gradient divided by the loop's grad_scale), so the step
-    grows with the gradient, unlike Muon's, and lr is on another scale than Muon's. No weight decay. The other
-    parameters take Adam without bias correction, betas MUONMAX_ADAM_BETAS (build_optimizers). The whole step
-    needs the global sum first, so the buckets are not pipelined as NorMuon's are.
-    """
+    Exploration of Non-Euclidean Gradient Descent: Muon and its Many Variants", arXiv 2510.09827), as we read it
+    (the paper's own equations were not available to us): W_l <- W_l - lr * (sum_j s_j ||M_j||_nuc) * s_l polar(M_l)
+    for every matrix block l, M the momentum; the derivation is at the lines. No weight decay; the other parameters
+    take Adam without bias correction (MUONMAX_ADAM_BETAS, build_optimizers)."""
 
     def __init__(self, param_groups: list[dict], lr: float, momentum: float, ortho: str = "polar",
                  compile: bool = False):
@@ -1135,7 +1124,11 @@ class MuonMax(NorMuon):
         device = next(iter(self.group_index)).device
         scratch = StepScratch(dual_sum=torch.zeros((), device=device))
         updates = self._prepare_all(scratch)
-        # the deltas so far are the unit directions -s_l polar(M_l); scratch.dual_sum has this rank's sum
+        # The deltas so far are the unit directions -s_l polar(M_l); scratch.dual_sum has this rank's sum. Steepest
+        # descent with a quadratic regularizer in the max over blocks of ||W_l||_op / s_l moves every block along
+        # its own unit direction by the same amount: lr times the dual norm of the momentum, which for a max of
+        # norms is the SUM of the blocks' dual norms. One scalar for all blocks on all ranks, so the whole step
+        # waits for this all-reduce (no pipelining as NorMuon's).
         self.dual_norm = all_reduce_sum(scratch.dual_sum)
         group = self.param_groups[0]  # one lr and schedule for every group (lr_mul lives in s_l)
         step_size = group["lr"] * group["schedule"] * self.dual_norm
@@ -1150,34 +1143,25 @@ class MuonMax(NorMuon):
         k, rows, cols = grads.shape
         blocks = group["blocks"]
         # an EMA of the per-token-mean gradients (no Nesterov): scaled before averaging, so that a batch-size
-        # change (a new grad_scale) does not mix gradients of two scales in the buffer
+        # change (a new grad_scale) does not mix gradients of two scales in the buffer; so the step grows with the
+        # gradient, unlike Muon's, and lr is on another scale than Muon's
         buffers = self._momentum([self.state[p] for p in params], grads / self.grad_scale, group["momentum"])
         momentum = buffers.view(k * blocks, rows // blocks, cols)  # every block its own matrix
         polar = self.orthogonalize(momentum).float()
+        # s_l: Muon's shape factor (rows/cols of the stored parameter) times lr_mul; the block's norm is ||W||_op / s_l
         shape_scale = max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
-        scratch.dual_sum += shape_scale * (momentum.float() * polar).sum()  # s_l ||M_l||_nuc = s_l <M_l, polar(M_l)>
+        # its dual norm s_l ||M_l||_nuc, with ||M||_nuc = <M, polar(M)> from the same Polar Express call (its
+        # singular values lie within ~15% of 1, so the sum is that close too)
+        scratch.dual_sum += shape_scale * (momentum.float() * polar).sum()
         return torch.stack(params) - shape_scale * polar.view(k, rows, cols).to(grads.dtype)
 
 
 class Momo:
-    """MOMO=1: model truncation (Schaipp, Ohana, Eickenberg, Defazio & Gower, "MoMo: Momentum Models for Adaptive
-    Learning Rates", 2023) on top of any optimizer here, as the MuonMax/Momo paper combines it with any
-    non-Euclidean method.
-
-    The model of the loss is the running average of linearizations, f(x) ~ F + <d, x> - gamma, kept as EMAs
-    (beta MOMO_BETA, bias-corrected by 1 - beta**k) of the per-token mean loss F, of its gradient d and of
-    <g_j, x_j> gamma, truncated below at the lower bound MOMO_LB. Every optimizer prepares its full update delta;
-    the joint step is scaled by alpha = min(1, max(0, h) / (-<d, delta>)) with h = F + <d, x> - gamma - lb, the
-    largest fraction of the step that the truncated model still takes. For a step of the form
-    lr * ||d||_* * dir(d) (regularized steepest descent: MuonMax, Adam with its diagonal norm) this is Momo's
-    step size min(lr, h / ||d||_*^2); for a constrained (LMO) step of radius lr (Muon, NorMuon) it is
-    min(lr, h / ||d||_*). alpha is 0 when the model says the bound is reached, never above 1 (the base lr), and 1
-    when the update does not decrease the model. Every inner product is over all parameters of all ranks: one
-    all-reduce of 4 numbers per step, and no host sync (alpha stays on the device; the log reads it).
-    Gradients are divided by each optimizer's grad_scale to be those of the per-token mean loss. d costs one
-    fp32 copy of the parameters (this rank's shards). Reading of the paper's equations: the Momo authors'
-    reference code (fabian-sp/MoMo, momo.py and momo_adam.py) for the averages and their bias correction.
-    """
+    """MOMO=1: model truncation of the joint step of every optimizer here (Schaipp, Ohana, Eickenberg, Defazio &
+    Gower, "MoMo: Momentum Models for Adaptive Learning Rates", 2023), as the MuonMax/Momo paper combines it with
+    non-Euclidean methods. The averages and their bias correction follow the authors' reference code
+    (fabian-sp/MoMo, momo.py and momo_adam.py). State: EMAs of the loss, of <g, x> and, per update key, of the
+    gradient (one fp32 copy of this rank's shards). One all-reduce of 4 numbers a step, no host sync."""
 
     def __init__(self, lower_bound: float, beta: float):
         self.lower_bound, self.beta = lower_bound, beta
@@ -1214,13 +1198,14 @@ class Momo:
         terms = [loss.float() / world_size()]  # summed over ranks below: the mean loss over ranks
         for i, opt, updates in prepared:
             for update in updates:
-                grad = update.grad.float() / opt.grad_scale
+                grad = update.grad.float() / opt.grad_scale  # the per-token mean loss's (the loop sums token losses)
                 key = f"{i}/{update.key}"  # a string: checkpoints store the directions under it
                 if key not in self.directions:
                     self.directions[key] = torch.zeros_like(grad)
-                direction = self.directions[key]
+                direction = self.directions[key]  # d: the EMA of the gradient
                 direction.lerp_(grad, 1 - self.beta)
                 value = update.value.float()
+                # <g, x>, <d, x> and <d, delta> of this piece; each is summed over all parameters of all ranks below
                 terms += [(grad * value).sum(), (direction * value).sum(), (direction * update.delta.float()).sum()]
         sums = torch.zeros(4, device=loss.device)
         sums[0] = terms[0]
@@ -1231,8 +1216,14 @@ class Momo:
         self.loss_avg = self.beta * self.loss_avg + (1 - self.beta) * loss_mean
         self.gamma = self.beta * self.gamma + (1 - self.beta) * grad_dot_x
         rho = 1 - self.beta ** self.steps  # the EMAs start at 0 (Momo's bias correction)
+        # the model of the loss is the running average of linearizations, f(x) ~ F + <d, x> - gamma (gamma the EMA
+        # of <g, x>); h = its value now above the lower bound MOMO_LB
         model_gap = (self.loss_avg + direction_dot_x - self.gamma) / rho - self.lower_bound
         decrease = -direction_dot_delta / rho  # what the linear model says the full step gains
+        # alpha = min(1, max(0, h) / -<d, delta>): the largest fraction of the full step that the model truncated at
+        # the bound still takes. For a step lr * ||d||_* dir(d) (MuonMax; Adam in its diagonal norm) this is Momo's
+        # min(lr, h / ||d||_*^2); for a constrained step of radius lr (Muon, NorMuon) min(lr, h / ||d||_*).
+        # 1 when the step does not decrease the model; 0 when the model says the bound is reached.
         scale = torch.where(decrease > 0, model_gap.clamp_min(0) / decrease.clamp_min(1e-30), torch.ones_like(decrease))
         scale = torch.where(model_gap > 0, scale.clamp_max(1.0), torch.zeros_like(scale))
         self.last_scale = scale

@@ -1,0 +1,85 @@
+"""The research preset's learning-rate sweep, from its logs' `config:` and `final:` / `stopped:` lines: one row per
+arm (norm, optimizer and which lr was swept), the final val loss at each lr, the best lr and whether it lies at an
+edge of the range (then the range must grow). A diverged run (`stopped:` for a non-finite loss) shows as "div".
+Writes table.txt and sweep.png into OUT. Usage: python analyze.py LOGDIR OUT"""
+
+import json
+import sys
+from pathlib import Path
+
+# the swept flag of each arm: the matrix optimizer's own lr, or the Adam lr of embeddings, head and scalars
+MATRIX_LR = {"normuon": "muon_lr", "muon": "muon_lr", "adamw": "adamw_matrix_lr", "muonmax": "muonmax_lr"}
+PRESET_ADAM_LR = 0.004  # the research preset's ADAM_LR (the cpu preset's); the matrix arms keep it
+
+
+def read(path: Path) -> dict | None:
+    """One run: its arm, swept lr and final val loss (None when it diverged); None for a log that did not end."""
+    config = end = None
+    for line in path.read_text().splitlines():
+        if line.startswith("config: "):
+            config = json.loads(line.removeprefix("config: "))
+        elif line.startswith(("final: ", "stopped: ")):
+            end = line
+    if config is None or end is None:
+        return None
+    if end.startswith("final: "):
+        loss = json.loads(end.removeprefix("final: "))["val_loss"]
+    elif json.loads(end.removeprefix("stopped: "))["reason"].startswith("non-finite"):
+        loss = None
+    else:  # stopped by a signal or a data error: not a result
+        return None
+    optimizer = config["optimizer"]
+    if config["adam_lr"] != PRESET_ADAM_LR:  # the Adam lr arm (under NorMuon at its preset lr)
+        return dict(arm=f"{config['norm']} {optimizer} ADAM_LR", lr=config["adam_lr"], loss=loss)
+    swept = MATRIX_LR[optimizer]
+    return dict(arm=f"{config['norm']} {optimizer} {swept.upper()}", lr=config[swept], loss=loss)
+
+
+def table(runs: list[dict]) -> tuple[str, dict[str, list[tuple[float, float | None]]]]:
+    arms: dict[str, list[tuple[float, float | None]]] = {}
+    for run in runs:
+        arms.setdefault(run["arm"], []).append((run["lr"], run["loss"]))
+    lines = []
+    for arm, points in sorted(arms.items()):
+        points.sort()
+        finite = [(loss, lr) for lr, loss in points if loss is not None]
+        cells = "  ".join(f"{lr:g}:{'div' if loss is None else f'{loss:.4f}'}" for lr, loss in points)
+        if finite:
+            best_loss, best_lr = min(finite)
+            edge = best_lr in (points[0][0], points[-1][0])
+            lines.append(f"{arm:32} best {best_lr:g} ({best_loss:.4f}{', AT AN EDGE' if edge else ''})  {cells}")
+        else:
+            lines.append(f"{arm:32} every run diverged  {cells}")
+    return "\n".join(lines) + "\n", arms
+
+
+def plot(arms: dict[str, list[tuple[float, float | None]]], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axis = plt.subplots(figsize=(8, 5))
+    for arm, points in sorted(arms.items()):
+        finite = [(lr, loss) for lr, loss in points if loss is not None]
+        if finite:
+            # each arm's lr on its own scale: x is lr / the arm's best lr, so the curves share one axis
+            best_lr = min(finite, key=lambda point: point[1])[0]
+            axis.plot([lr / best_lr for lr, _ in finite], [loss for _, loss in finite], marker="o", label=arm)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("lr / the arm's best lr")
+    axis.set_ylabel("final val loss (research preset, 200 steps, bytes)")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def main(log_dir: str, out_dir: str) -> None:
+    runs = [run for run in map(read, sorted(Path(log_dir).glob("*.txt"))) if run is not None]
+    text, arms = table(runs)
+    out = Path(out_dir)
+    (out / "table.txt").write_text(text)
+    print(text, end="")
+    plot(arms, out / "sweep.png")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
