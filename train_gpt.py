@@ -2639,8 +2639,10 @@ def checkpoint_meta(state: TrainState, step: int, log: RunLog, hp_dict: dict) ->
 
 def checkpoint_steps(folder: Path) -> list[Path]:
     """The complete step folders of a checkpoint folder, oldest first."""
-    found = [path for path in folder.glob("step_*") if (path / CHECKPOINT_META).is_file()]
-    return sorted(found, key=lambda path: path.name)
+    found = [path for path in folder.glob("step_*")
+             if path.name.removeprefix("step_").isdigit() and (path / CHECKPOINT_META).is_file()]
+    # by step number, not name: past 999,999 steps the 6-digit padding no longer keeps names in step order
+    return sorted(found, key=lambda path: int(path.name.removeprefix("step_")))
 
 
 class Checkpointer:

@@ -369,10 +369,9 @@ def test_resume_picks_the_newest_finished_checkpoint_of_a_folder(tmp_path):
         pick_checkpoint(tmp_path / "step_000012")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkpoint_steps sorts step folders by name; step_1000000 sorts "
-                                       "before step_999998, so past 999,999 steps RESUME picks an older checkpoint "
-                                       "(and CHECKPOINT_KEEP prunes the newest)")
 def test_resume_picks_the_newest_checkpoint_past_a_million_steps(tmp_path):
+    """Step folders sort by number: by name, step_1000000 came before step_999998 (RESUME took an older checkpoint
+    and CHECKPOINT_KEEP pruned the newest)."""
     for step in (999_998, 1_000_000):
         write_step_folder(tmp_path, step)
     assert pick_checkpoint(tmp_path) == tmp_path / "step_1000000"
