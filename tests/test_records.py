@@ -21,3 +21,14 @@ def test_norm_optimizer_study_reproduces_from_its_logs(tmp_path):
     assert by.returncode == 0, by.stderr[-3000:]
     assert by.stdout == (STUDY / "validate_by.txt").read_text()
     assert "cells also split by NORM_ALPHA" in by.stderr  # alpha 0.3 is a cell of its own, never pooled
+
+
+def test_research_lr_sweep_reproduces_from_its_logs(tmp_path):
+    """The research preset's lr sweep (records/2026-12-02_research_lr_sweep/): table.txt is what analyze.py prints
+    for the committed logs, so a hand-edited number or a log left out fails here."""
+    sweep = RECORDS / "2026-12-02_research_lr_sweep"
+    result = subprocess.run([sys.executable, str(sweep / "analyze.py"), str(sweep / "logs"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "table.txt").read_text() == (sweep / "table.txt").read_text()
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000 and (sweep / "sweep.png").is_file()
