@@ -1830,6 +1830,9 @@ def read_shard(path: str, vocab_size: int) -> np.ndarray:
 def find_shards(pattern: str, variable: str) -> list[str]:
     """The files a TRAIN_FILES/VAL_FILES glob names, sorted, each with a valid header."""
     files = sorted(glob.glob(pattern))
+    if not files and "embedded_bytes" in pattern:  # PRESET=research's byte shards: not what ./run.sh data builds
+        raise ShardError(f"{variable}={pattern}: no file matches. HINT: build the byte-level corpus with `python "
+                         f"data/build_corpus.py --bytes`, or point {variable} at your shards")
     if not files:
         raise ShardError(f"{variable}={pattern}: no file matches. {DATA_HINT}, or point {variable} at your shards")
     folders = [path for path in files if os.path.isdir(path)]

@@ -41,6 +41,13 @@ def test_no_matching_files_names_the_variable(tmp_path):
         T.find_shards(str(tmp_path / "*.bin"), "TRAIN_FILES")
 
 
+def test_missing_byte_shards_name_the_command_that_builds_them(tmp_path):
+    """PRESET=research reads data/embedded_bytes/, which ./run.sh data does not build: the hint says --bytes."""
+    with pytest.raises(T.ShardError) as error:
+        T.find_shards(str(tmp_path / "embedded_bytes" / "train_*.bin"), "TRAIN_FILES")
+    assert "no file matches" in str(error.value) and "python data/build_corpus.py --bytes" in str(error.value)
+
+
 def chunk_stream(files, world, steps, chunk_tokens=64, accum=None, max_seq_len=48):
     """Per step, the step's chunks in stream order, merged from every rank's loader: chunk c = rank c % world,
     micro-step c // world."""
