@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ./run.sh [train|test|smoke|data|bench|validate|help] [args...]  - sets up what is missing, then runs. See README.md.
-#   train (default)  the speedrun with torchrun on every GPU, or the `cpu` preset on the embedded corpus without one;
+#   train (default)  the speedrun with torchrun on every GPU, or the `cpu` preset on the embedded corpus without one
+#                    (PRESET=research: its byte shards, then one process);
 #                    flags are env vars (NORM=derf ./run.sh), listed by `./run.sh train --help`
 #   test             installs the test requirements and runs the pytest suite (args go to pytest)
 #   smoke            the first run on a GPU: python bench/smoke.py (cuda tests, compiled vs eager gradients, the
@@ -173,6 +174,11 @@ case "$command" in
         fi
         ensure_requirements
         "$PY" train_gpt.py --check  # a bad flag stops here (exit 2), before any data is fetched or built
+        if [ "${PRESET:-}" = research ]; then  # its own data: the embedded corpus's bytes, on any machine
+            "$PY" data/build_corpus.py --bytes
+            echo "run.sh: training the research preset on the embedded corpus's bytes (one process)"
+            exec "$PY" train_gpt.py
+        fi
         gpus=$(num_gpus)
         if [ "$gpus" -gt 0 ]; then
             ls data/fineweb10B/fineweb_val_*.bin >/dev/null 2>&1 || get_data

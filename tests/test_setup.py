@@ -241,6 +241,16 @@ def test_train_refuses_arguments_and_bad_flags_before_data(stand_in):
     assert unknown.returncode == 2 and "unknown command 'trian'" in unknown.stderr
 
 
+def test_research_preset_builds_its_byte_shards_then_trains(stand_in):
+    """PRESET=research ./run.sh: the byte-level corpus (not the GPT-2 one that ./run.sh data builds), then one
+    python train_gpt.py."""
+    modules = "torch,numpy,tiktoken,huggingface_hub,scipy"
+    result, _ = stand_in("train", PRESET="research", FAKE_SYSTEM_MODULES=modules, **DISTRIBUTION)
+    assert result.returncode == 0, result.stderr
+    ran = [line for line in result.stdout.splitlines() if line.startswith("stand-in python ran")]
+    assert ran == ["stand-in python ran data/build_corpus.py --bytes", "stand-in python ran train_gpt.py"]
+
+
 @pytest.mark.slow
 def test_train_help_with_the_real_python(tmp_path):
     """The real path: .venv made from this interpreter (or this venv used), train_gpt.py's flag list printed."""
