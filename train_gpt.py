@@ -893,21 +893,12 @@ class StepScratch:
 
 
 class NorMuon(LoopOptimizer):
-    """NorMuon (Muon + per-neuron variance normalization) for the hidden matrices and gates, 1..N ranks.
-
-    Buckets: the parameters of one shape, in reverse registration order (the backward produces the last layers'
-    gradients first), cut into NORMUON_BUCKETS_PER_SHAPE buckets of a multiple of the world size when each rank
-    gets at least that many matrices. At 8 GPUs that makes #48's pipeline: the 32 (3072, 768) matrices go out as
-    two reduce-scatters of 16, and the first bucket's update runs while the second is in flight.
-    Each parameter's post-accumulate-grad hook marks it ready; when a bucket is complete (and reduce_in_backward
-    is on) its stacked gradients go out in one async reduce_scatter_tensor(AVG), padded to a multiple of the world
-    size, so rank r receives whole matrices (its own matrices). At step() each rank waits for its own matrices and
-    updates them in one batched call per param group (momentum, orthogonalization, variance normalization,
-    cautious weight decay), and an async all_gather_into_tensor brings every rank the new values. At world size 1 no
-    collective is called and each shape's matrices are updated in one batched call per param group.
-    Group keys: lr, lr_mul, schedule and momentum (set per step by the loop), weight_decay, blocks (rows are
-    split into this many square blocks, 4 for qkvo_w), is_gate.
-    """
+    """NorMuon (Muon + per-neuron variance normalization; variance_norm=False: Muon) for the hidden matrices and
+    gates, 1..N ranks. A bucket (same-shape matrices) goes out in one reduce-scatter from the backward's hooks,
+    each rank updates its own whole matrices in one batched call per param group, and an all-gather brings every
+    rank the new values; at world size 1 no collective is called. Group keys: lr, lr_mul, schedule and momentum
+    (set per step by the loop), weight_decay, blocks (rows split into this many square blocks, 4 for qkvo_w),
+    is_gate."""
 
     def __init__(self, param_groups: list[dict], lr: float, momentum: float, weight_decay: float, beta2: float,
                  variance_norm: bool = True, ortho: str = "polar", cautious: bool = True, compile: bool = False):
@@ -924,13 +915,18 @@ class NorMuon(LoopOptimizer):
         # indices, not the dicts: load_state_dict replaces the group dicts
         self.group_index = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
         shapes: dict[tuple[int, ...], list[Tensor]] = {}
+        # reverse registration order: the backward produces the last layers' gradients first, so their bucket is
+        # complete (and its reduce launched) earliest
         for p in reversed(list(self.group_index)):
             shapes.setdefault(tuple(p.shape), []).append(p)
         self.buckets: list[list[Tensor]] = []
         for params in shapes.values():
             per_rank = -(-len(params) // self.world)
             count = NORMUON_BUCKETS_PER_SHAPE if self.world > 1 and per_rank >= NORMUON_BUCKETS_PER_SHAPE else 1
-            size = self.world * -(-per_rank // count)  # a multiple of the world size: whole matrices per rank
+            # a multiple of the world size: whole matrices per rank. At 8 GPUs this is #48's pipeline: the 32 (3072,
+            # 768) matrices go out as two reduce-scatters of 16, and the first bucket's update runs while the second
+            # is in flight
+            size = self.world * -(-per_rank // count)
             self.buckets += [params[start:start + size] for start in range(0, len(params), size)]
         self.bucket_of = {p: i for i, params in enumerate(self.buckets) for p in params}
         self._ready = [0] * len(self.buckets)  # per bucket: how many of its gradients the backward has produced
