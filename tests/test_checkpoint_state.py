@@ -266,6 +266,56 @@ def test_a_resume_restores_every_piece_of_state(round_trips, case, piece):
     assert differences(saved, restored) == [], f"{what}: not restored by the checkpoint"
 
 
+@pytest.mark.parametrize("case", ["normuon", "muonmax_momo"])
+def test_each_owner_restores_itself_from_its_own_state(shards, tmp_path, case):
+    """Each owner's load_state(state()) on its own, no checkpoint file between (the loop above goes through
+    checkpoint_state and torch.distributed.checkpoint): what an owner's state() leaves out, or its load_state() does
+    not put back, fails here under the owner's name."""
+    env = state_env(shards, tmp_path, **COMMON, **CASES[case])
+    threads, rng_before = torch.get_num_threads(), torch.get_rng_state()
+    torch.set_num_threads(1)
+    try:
+        trained, fresh = build_state(env), build_state(env)
+        for step in range(SAVE_AT):
+            T.train_step(trained, step)
+        if trained.hp.diagnostics:
+            trained.diagnostics, fresh.diagnostics = T.Diagnostics(trained.model, trained.hp), T.Diagnostics(
+                fresh.model, fresh.hp)
+            trained.diagnostics.collect(SAVE_AT, diag_batch(trained))
+        names = {p: name for name, p in trained.model.named_parameters()}
+        fresh_params = dict(fresh.model.named_parameters())
+        owners = {"rotary": (trained.model.rotary, fresh.model.rotary), "loader": (trained.loader, fresh.loader)}
+        if trained.momo is not None:
+            owners["momo"] = (trained.momo, fresh.momo)
+        if trained.diagnostics is not None:
+            owners["diagnostics"] = (trained.diagnostics, fresh.diagnostics)
+        for name, (source, target) in owners.items():
+            saved = source.state()
+            if name == "momo":
+                target.load_state(saved, CPU)  # Momo keeps no device of its own
+            else:
+                target.load_state(saved)
+            assert differences(clone(saved), clone(target.state())) == [], f"{case}: {name}"
+        chunk_tokens = trained.geometry.chunk_tokens(T.schedule_phase(SAVE_AT, trained.hp)[0])
+        assert same(trained.loader.next_step(chunk_tokens, 1), fresh.loader.next_step(chunk_tokens, 1)), "loader"
+        rotary, restored = trained.model.rotary, fresh.model.rotary
+        assert same([rotary.cos, rotary.sin], [restored.cos, restored.sin]), "rotary: the tables are not refilled"
+        for i, (source, target) in enumerate(zip(trained.optimizers, fresh.optimizers)):
+            target.load_saved_state(source.saved_state(names), fresh_params)
+            fresh_names = {p: name for name, p in fresh_params.items()}
+            assert differences(source.saved_state(names), target.saved_state(fresh_names)) == [], f"optimizer {i}"
+            assert target.state, f"optimizer {i}: nothing was restored"
+        torch.manual_seed(7)
+        rng = T.rng_state(CPU)
+        expected = torch.rand(4)
+        torch.manual_seed(8)
+        T.load_rng_state(rng, CPU)
+        assert torch.equal(torch.rand(4), expected), "rng"
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng_before)  # the other tests' RNG as it was
+
+
 # ---- every setting a resume refuses ----
 
 # The settings a resumed run may change: where things go, how often they are logged or saved. Written out here (not
