@@ -10,6 +10,7 @@ from pathlib import Path
 # the swept flag of each arm: the matrix optimizer's own lr, or the Adam lr of embeddings, head and scalars
 MATRIX_LR = {"normuon": "muon_lr", "muon": "muon_lr", "adamw": "adamw_matrix_lr", "muonmax": "muonmax_lr"}
 PRESET_ADAM_LR = 0.004  # the research preset's ADAM_LR (the cpu preset's); the matrix arms keep it
+SPEEDRUN_ADAM = (0.65, 0)  # (ADAM_BETA1, LR_WARMUP_STEPS) of #48, which the research preset keeps
 
 
 def read(path: Path) -> dict | None:
@@ -29,10 +30,13 @@ def read(path: Path) -> dict | None:
     else:  # stopped by a signal or a data error: not a result
         return None
     optimizer = config["optimizer"]
+    # the AdamW arms differ in the Adam settings of every group: the speedrun's, or beta1 0.9 with a warmup
+    tuned = "" if (config["adam_beta1"], config["lr_warmup_steps"]) == SPEEDRUN_ADAM else \
+        f" b1={config['adam_beta1']:g},wu={config['lr_warmup_steps']}"
     if config["adam_lr"] != PRESET_ADAM_LR:  # the Adam lr arm (under NorMuon at its preset lr)
-        return dict(arm=f"{config['norm']} {optimizer} ADAM_LR", lr=config["adam_lr"], loss=loss)
+        return dict(arm=f"{config['norm']} {optimizer}{tuned} ADAM_LR", lr=config["adam_lr"], loss=loss)
     swept = MATRIX_LR[optimizer]
-    return dict(arm=f"{config['norm']} {optimizer} {swept.upper()}", lr=config[swept], loss=loss)
+    return dict(arm=f"{config['norm']} {optimizer}{tuned} {swept.upper()}", lr=config[swept], loss=loss)
 
 
 def table(runs: list[dict]) -> tuple[str, dict[str, list[tuple[float, float | None]]]]:
