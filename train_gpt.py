@@ -505,14 +505,19 @@ def init_distributed(launch: Launch, timeout_s: float = 600.0) -> torch.device:
     if launch.world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        # Before the group exists: torch._dynamo (imported by the first optimizer and by torch.compile) imports
-        # torch.distributed.nn.functional, whose `group=group.WORLD` defaults would keep the live group, so that
-        # destroy_process_group could not free it. Its gloo workers would then run on into interpreter shutdown,
-        # where one freeing the last all-reduce's tensors waits for the GIL and aborts the rank.
-        import torch._dynamo  # noqa: F401
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        join_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                           timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return device
+
+
+def join_process_group(backend: str, **kwargs) -> None:
+    """dist.init_process_group(backend, **kwargs), and the one import that must come before it: torch._dynamo
+    (imported by the first optimizer and by torch.compile) imports torch.distributed.nn.functional, whose
+    `group=group.WORLD` defaults would keep a group that exists at that moment alive, so that destroy_process_group
+    could not free it. Its gloo workers would then run on into interpreter shutdown, where one freeing the last
+    collective's tensors waits for the GIL and aborts the rank ('terminate called without an active exception')."""
+    import torch._dynamo  # noqa: F401
+    dist.init_process_group(backend, **kwargs)
 
 
 def close_distributed() -> None:

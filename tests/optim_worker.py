@@ -12,7 +12,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as T  # noqa: E402
@@ -103,13 +102,13 @@ def run_muon(rank: int, steps: int) -> dict:
 def main() -> None:
     out_dir, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
-                            world_size=world)
+    T.join_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                         world_size=world)  # imports torch._dynamo first: else the group outlives close_distributed
     assert T.world_size() == 2 and T.rank() == rank
     result = {mode: run_adam(mode, rank, steps=4) for mode in ("sync", "accumulate", "late")}
     result["muon"] = run_muon(rank, steps=3)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    T.close_distributed()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """End-to-end runs of the `test` preset: single process, and world size 2 with gloo under torchrun."""
 
+import inspect
 import json
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -182,6 +184,17 @@ def test_close_distributed_ends_the_gloo_threads(run_env, tmp_path):
     script.write_text(CLOSE_WORKER.format(repo=str(REPO), out=out))
     run(TORCHRUN + [str(script)], run_env, timeout=120)
     assert [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)] == [[], []]
+
+
+def test_every_process_group_is_joined_through_join_process_group():
+    """The cause above, in a helper of the suite: tests/optim_worker.py joined its group itself, kept its gloo
+    workers past close_distributed, and a rank aborted at exit on a loaded machine (Debian's Python 3.11.2).
+    join_process_group imports torch._dynamo first; no other code may call init_process_group."""
+    call = re.compile(r"^\s*(dist|torch\.distributed)\.init_process_group\(")
+    callers = [f"{path.relative_to(REPO)}" for path in sorted(REPO.rglob("*.py")) if ".venv" not in path.parts
+               for line in path.read_text().splitlines() if call.match(line)]
+    assert callers == ["train_gpt.py"], callers
+    assert any(call.match(line) for line in inspect.getsource(T.join_process_group).splitlines())
 
 
 def test_nonfinite_loss_stops_with_step_and_last_finite_loss(run_env, tmp_path, monkeypatch):
