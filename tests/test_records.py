@@ -1,9 +1,12 @@
 """The committed studies under records/ reproduce from their own logs: their tables and validate.py output are
 what their scripts print for the logs in the folder (so a hand-edited number, or a log left out, fails here)."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 RECORDS = Path(__file__).resolve().parents[1] / "records"
 STUDY = RECORDS / "2026-11-26_norm_optimizer_ablation"
@@ -32,3 +35,24 @@ def test_research_lr_sweep_reproduces_from_its_logs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "table.txt").read_text() == (sweep / "table.txt").read_text()
     assert (tmp_path / "sweep.png").stat().st_size > 10_000 and (sweep / "sweep.png").is_file()
+
+
+def load_sweep_analysis():
+    spec = importlib.util.spec_from_file_location("sweep_analyze", RECORDS / "2026-12-02_research_lr_sweep" / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("points, expected", [
+    ([(0.01, 2.0), (0.02, 1.9), (0.04, 2.1)], 0.0),                  # both neighbours more than 0.05 worse
+    ([(0.01, 1.94), (0.02, 1.9), (0.04, 1.95)], 2.0),                # each neighbour within: 0.01 .. 0.04
+    ([(0.01, 1.96), (0.02, 1.9), (0.04, 1.92), (0.08, 1.99)], 1.0),  # only the right neighbour: 0.02 .. 0.04
+    ([(0.01, 1.9), (0.02, None), (0.04, 1.91)], 0.0),                # a divergence breaks the stretch
+    ([(0.01, 1.92), (0.02, 1.96), (0.04, 1.9)], 0.0),                # a point past the limit ends it (1.92 beyond)
+    ([(0.005, 1.95), (0.01, 1.92), (0.02, 1.9)], 2.0),               # the best at an edge, two factors to the left
+])
+def test_flatness_counts_factors_of_2_within_the_limit_of_the_best(points, expected):
+    """Flatness (the lr-sensitivity study's measure): log2 of the span of the unbroken stretch of lrs around the
+    best whose loss is within 0.05 nats of the best."""
+    assert load_sweep_analysis().flatness(points) == expected

@@ -1,9 +1,12 @@
 """The research preset's learning-rate sweep, from its logs' `config:` and `final:` / `stopped:` lines: one row per
-arm (norm, optimizer and which lr was swept), the final val loss at each lr, the best lr and whether it lies at an
-edge of the range (then the range must grow). A diverged run (`stopped:` for a non-finite loss) shows as "div".
-Writes table.txt and sweep.png into OUT. Usage: python analyze.py LOGDIR OUT"""
+arm (norm, optimizer, Momo and its bound if on, and which lr was swept), the final val loss at each lr, the best lr,
+whether it lies at an edge of the range (then the range must grow), and the flatness: how many factors of 2 of lr
+around the best stay within FLAT_NATS of it. A diverged run (`stopped:` for a non-finite loss) shows as "div".
+Writes table.txt and sweep.png into OUT. Usage: python analyze.py LOGDIR OUT [MORE_LOGDIRS...] (the lr-sensitivity
+study reads this sweep's logs with its own)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,6 +14,7 @@ from pathlib import Path
 MATRIX_LR = {"normuon": "muon_lr", "muon": "muon_lr", "adamw": "adamw_matrix_lr", "muonmax": "muonmax_lr"}
 PRESET_ADAM_LR = 0.004  # the research preset's ADAM_LR (the cpu preset's); the matrix arms keep it
 SPEEDRUN_ADAM = (0.65, 0)  # (ADAM_BETA1, LR_WARMUP_STEPS) of #48, which the research preset keeps
+FLAT_NATS = 0.05  # the MuonMax/Momo paper's question is how wide the good lr range is: within 0.05 nats of the best
 
 
 def read(path: Path) -> dict | None:
@@ -29,14 +33,33 @@ def read(path: Path) -> dict | None:
         loss = None
     else:  # stopped by a signal or a data error: not a result
         return None
-    optimizer = config["optimizer"]
+    optimizer = config["optimizer"] + (f" momo lb={config['momo_lb']:g}" if config["momo"] else "")
     # the AdamW arms differ in the Adam settings of every group: the speedrun's, or beta1 0.9 with a warmup
     tuned = "" if (config["adam_beta1"], config["lr_warmup_steps"]) == SPEEDRUN_ADAM else \
         f" b1={config['adam_beta1']:g},wu={config['lr_warmup_steps']}"
     if config["adam_lr"] != PRESET_ADAM_LR:  # the Adam lr arm (under NorMuon at its preset lr)
         return dict(arm=f"{config['norm']} {optimizer}{tuned} ADAM_LR", lr=config["adam_lr"], loss=loss)
-    swept = MATRIX_LR[optimizer]
+    swept = MATRIX_LR[config["optimizer"]]
     return dict(arm=f"{config['norm']} {optimizer}{tuned} {swept.upper()}", lr=config[swept], loss=loss)
+
+
+def flatness(points: list[tuple[float, float | None]]) -> float:
+    """log2(highest lr / lowest lr) of the unbroken stretch of the sorted points, around the best, whose every loss
+    is within FLAT_NATS of the best: 0 when both neighbours of the best are worse than that (or missing), 2 when
+    the best and one neighbour on each side a factor of 2 away are within it. A diverged run breaks the stretch."""
+    finite = [i for i, (_, loss) in enumerate(points) if loss is not None]
+    best = min(finite, key=lambda i: points[i][1])
+    limit = points[best][1] + FLAT_NATS
+
+    def within(i: int) -> bool:
+        return 0 <= i < len(points) and points[i][1] is not None and points[i][1] <= limit
+
+    low = high = best
+    while within(low - 1):
+        low -= 1
+    while within(high + 1):
+        high += 1
+    return math.log2(points[high][0] / points[low][0])
 
 
 def table(runs: list[dict]) -> tuple[str, dict[str, list[tuple[float, float | None]]]]:
@@ -51,7 +74,8 @@ def table(runs: list[dict]) -> tuple[str, dict[str, list[tuple[float, float | No
         if finite:
             best_loss, best_lr = min(finite)
             edge = best_lr in (points[0][0], points[-1][0])
-            lines.append(f"{arm:32} best {best_lr:g} ({best_loss:.4f}{', AT AN EDGE' if edge else ''})  {cells}")
+            lines.append(f"{arm:32} best {best_lr:g} ({best_loss:.4f}{', AT AN EDGE' if edge else ''}), "
+                         f"flat {flatness(points):.1f}  {cells}")
         else:
             lines.append(f"{arm:32} every run diverged  {cells}")
     return "\n".join(lines) + "\n", arms
@@ -76,8 +100,9 @@ def plot(arms: dict[str, list[tuple[float, float | None]]], out: Path) -> None:
     fig.savefig(out, dpi=100)
 
 
-def main(log_dir: str, out_dir: str) -> None:
-    runs = [run for run in map(read, sorted(Path(log_dir).glob("*.txt"))) if run is not None]
+def main(log_dir: str, out_dir: str, *more_log_dirs: str) -> None:
+    paths = [path for folder in (log_dir, *more_log_dirs) for path in sorted(Path(folder).glob("*.txt"))]
+    runs = [run for run in map(read, paths) if run is not None]
     text, arms = table(runs)
     out = Path(out_dir)
     (out / "table.txt").write_text(text)
@@ -86,4 +111,6 @@ def main(log_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    main(*sys.argv[1:])
