@@ -4,6 +4,7 @@ what their scripts print for the logs in the folder (so a hand-edited number, or
 import importlib.util
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ def test_research_lr_sweep_reproduces_from_its_logs(tmp_path):
 
 
 def load_sweep_analysis():
-    spec = importlib.util.spec_from_file_location("sweep_analyze", RECORDS / "2026-12-02_research_lr_sweep" / "analyze.py")
+    path = RECORDS / "2026-12-02_research_lr_sweep" / "analyze.py"
+    spec = importlib.util.spec_from_file_location("sweep_analyze", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -70,3 +72,20 @@ def test_lr_sensitivity_analysis_reads_the_sweeps_curves(tmp_path):
     assert result.stdout.splitlines() == [row for row in sweep_rows
                                           if row.startswith(("rmsnorm muon MUON_LR", "rmsnorm muonmax MUONMAX_LR"))]
     assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
+
+
+def test_norm_optimizer_analysis_keeps_the_two_adamw_arms_apart():
+    """The research preset's normalization x optimizer study runs AdamW with the speedrun's Adam settings and, apart,
+    with beta1 0.9 and 20 warmup steps: the analysis must never pool them (logs older than LR_WARMUP_STEPS lack it)."""
+    spec = importlib.util.spec_from_file_location("ablation_analyze", STUDY / "analyze.py")
+    analyze = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(analyze)
+
+    def run(**config):
+        return types.SimpleNamespace(config={"norm": "derf", "optimizer": "adamw", "norm_alpha": 0.5,
+                                             "adam_beta1": 0.65, **config})
+    speedrun, old_log = run(lr_warmup_steps=0), run()
+    tuned = run(adam_beta1=0.9, lr_warmup_steps=20)
+    assert analyze.cell_of(speedrun) == analyze.cell_of(old_log) == ("derf", "adamw", 0.5)
+    assert analyze.cell_of(tuned) == ("derf", "adamw b1=0.9,wu=20", 0.5)
+    assert analyze.cell_of(run(adam_beta1=0.65, lr_warmup_steps=20)) != analyze.cell_of(speedrun)

@@ -26,11 +26,19 @@ _spec.loader.exec_module(validate)
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_fc", "mlp_proj")
 
 
+def adam_settings(config: dict) -> str:
+    """'' for the speedrun's Adam settings (beta1 0.65, no lr warmup; logs older than LR_WARMUP_STEPS have none),
+    else ' b1=<beta1>,wu=<warmup steps>': an arm of its own, never pooled with the other (they apply to every Adam
+    group, so they change the embeddings' and head's training too)."""
+    beta1, warmup = float(config["adam_beta1"]), int(config.get("lr_warmup_steps", 0))
+    return "" if (beta1, warmup) == (0.65, 0) else f" b1={beta1:g},wu={warmup}"
+
+
 def cell_of(run) -> tuple[str, str, float | None]:
-    """(NORM, OPTIMIZER, NORM_ALPHA); alpha None for rmsnorm, which has none."""
+    """(NORM, OPTIMIZER and its Adam settings if not the speedrun's, NORM_ALPHA); alpha None for rmsnorm."""
     config = run.config
     alpha = float(config["norm_alpha"]) if config["norm"] != "rmsnorm" else None
-    return config["norm"], config["optimizer"], alpha
+    return config["norm"], config["optimizer"] + adam_settings(config), alpha
 
 
 def label(cell: tuple[str, str, float | None]) -> str:
@@ -200,7 +208,7 @@ def main(log_dir: str, out_dir: str) -> None:
     runs, excluded = validate.load_runs([log_dir])
     cells: dict = {}
     order = {"rmsnorm": 0, "derf": 1, "derf_ema": 2, "dyt": 3}
-    for run in sorted(runs, key=lambda r: (r.config["optimizer"], order[r.config["norm"]],
+    for run in sorted(runs, key=lambda r: (r.config["optimizer"], adam_settings(r.config), order[r.config["norm"]],
                                            -float(r.config["norm_alpha"]), r.config["seed"])):
         cells.setdefault(cell_of(run), []).append(run)
     out = Path(out_dir)
