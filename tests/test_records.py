@@ -74,18 +74,21 @@ def test_lr_sensitivity_analysis_reads_the_sweeps_curves(tmp_path):
     assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
 
 
-def test_norm_optimizer_analysis_keeps_the_two_adamw_arms_apart():
-    """The research preset's normalization x optimizer study runs AdamW with the speedrun's Adam settings and, apart,
-    with beta1 0.9 and 20 warmup steps: the analysis must never pool them (logs older than LR_WARMUP_STEPS lack it)."""
+def test_norm_optimizer_analysis_keeps_the_adamw_arms_apart():
+    """The research preset's normalization x optimizer study runs AdamW with the speedrun's Adam settings at two lrs
+    and, apart, with beta1 0.9 and 20 warmup steps: the analysis must never pool them (logs older than
+    LR_WARMUP_STEPS lack it)."""
     spec = importlib.util.spec_from_file_location("ablation_analyze", STUDY / "analyze.py")
     analyze = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(analyze)
 
     def run(**config):
         return types.SimpleNamespace(config={"norm": "derf", "optimizer": "adamw", "norm_alpha": 0.5,
-                                             "adam_beta1": 0.65, **config})
+                                             "adam_beta1": 0.65, "adamw_matrix_lr": 0.002, **config})
     speedrun, old_log = run(lr_warmup_steps=0), run()
     tuned = run(adam_beta1=0.9, lr_warmup_steps=20)
     assert analyze.cell_of(speedrun) == analyze.cell_of(old_log) == ("derf", "adamw", 0.5)
     assert analyze.cell_of(tuned) == ("derf", "adamw b1=0.9,wu=20", 0.5)
     assert analyze.cell_of(run(adam_beta1=0.65, lr_warmup_steps=20)) != analyze.cell_of(speedrun)
+    # and a run at another matrix lr (the study's AdamW cells at 0.001, below Derf's collapse at 0.002)
+    assert analyze.cell_of(run(lr_warmup_steps=0, adamw_matrix_lr=0.001)) == ("derf", "adamw lr=0.001", 0.5)

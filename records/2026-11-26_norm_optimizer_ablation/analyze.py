@@ -34,11 +34,19 @@ def adam_settings(config: dict) -> str:
     return "" if (beta1, warmup) == (0.65, 0) else f" b1={beta1:g},wu={warmup}"
 
 
+# the matrix lr of each optimizer, and the value this study's runs had (the cpu and research presets' own): a run at
+# another lr is a cell of its own ("adamw lr=0.001")
+MATRIX_LR = {"adamw": ("adamw_matrix_lr", 0.002), "muon": ("muon_lr", 0.012), "normuon": ("muon_lr", 0.012)}
+
+
 def cell_of(run) -> tuple[str, str, float | None]:
-    """(NORM, OPTIMIZER and its Adam settings if not the speedrun's, NORM_ALPHA); alpha None for rmsnorm."""
+    """(NORM, OPTIMIZER with its Adam settings if not the speedrun's and its matrix lr if not the presets', NORM_ALPHA);
+    alpha None for rmsnorm."""
     config = run.config
     alpha = float(config["norm_alpha"]) if config["norm"] != "rmsnorm" else None
-    return config["norm"], config["optimizer"] + adam_settings(config), alpha
+    key, usual = MATRIX_LR[config["optimizer"]]
+    lr = "" if float(config[key]) == usual else f" lr={float(config[key]):g}"
+    return config["norm"], config["optimizer"] + adam_settings(config) + lr, alpha
 
 
 def label(cell: tuple[str, str, float | None]) -> str:
@@ -208,7 +216,7 @@ def main(log_dir: str, out_dir: str) -> None:
     runs, excluded = validate.load_runs([log_dir])
     cells: dict = {}
     order = {"rmsnorm": 0, "derf": 1, "derf_ema": 2, "dyt": 3}
-    for run in sorted(runs, key=lambda r: (r.config["optimizer"], adam_settings(r.config), order[r.config["norm"]],
+    for run in sorted(runs, key=lambda r: (cell_of(r)[1], order[r.config["norm"]],
                                            -float(r.config["norm_alpha"]), r.config["seed"])):
         cells.setdefault(cell_of(run), []).append(run)
     out = Path(out_dir)
