@@ -92,3 +92,14 @@ def test_norm_optimizer_analysis_keeps_the_adamw_arms_apart():
     assert analyze.cell_of(run(adam_beta1=0.65, lr_warmup_steps=20)) != analyze.cell_of(speedrun)
     # and a run at another matrix lr (the study's AdamW cells at 0.001, below Derf's collapse at 0.002)
     assert analyze.cell_of(run(lr_warmup_steps=0, adamw_matrix_lr=0.001)) == ("derf", "adamw lr=0.001", 0.5)
+
+
+def test_adam_lr_arm_gets_the_matrix_arms_run_at_the_preset_adam_lr():
+    """The Adam lr arm's cells leave out ADAM_LR=0.004 (the preset's): that point is the NorMuon run at the same
+    MUON_LR, and it must join the arm, or the arm's best and flatness miss it."""
+    sweep = load_sweep_analysis()
+    runs = [dict(arm="rmsnorm normuon MUON_LR", lr=0.012, loss=1.87), dict(arm="rmsnorm normuon MUON_LR", lr=0.024,
+            loss=1.89), dict(arm="rmsnorm normuon ADAM_LR", lr=0.002, loss=1.86, matrix_lr=0.012),
+            dict(arm="rmsnorm muon MUON_LR", lr=0.012, loss=1.85)]
+    added = sweep.with_preset_adam_lr(runs)[len(runs):]
+    assert added == [dict(arm="rmsnorm normuon ADAM_LR", lr=sweep.PRESET_ADAM_LR, loss=1.87)]

@@ -37,10 +37,22 @@ def read(path: Path) -> dict | None:
     # the AdamW arms differ in the Adam settings of every group: the speedrun's, or beta1 0.9 with a warmup
     tuned = "" if (config["adam_beta1"], config["lr_warmup_steps"]) == SPEEDRUN_ADAM else \
         f" b1={config['adam_beta1']:g},wu={config['lr_warmup_steps']}"
-    if config["adam_lr"] != PRESET_ADAM_LR:  # the Adam lr arm (under NorMuon at its preset lr)
-        return dict(arm=f"{config['norm']} {optimizer}{tuned} ADAM_LR", lr=config["adam_lr"], loss=loss)
     swept = MATRIX_LR[config["optimizer"]]
+    if config["adam_lr"] != PRESET_ADAM_LR:  # the Adam lr arm, at one matrix lr (NorMuon at the preset's)
+        return dict(arm=f"{config['norm']} {optimizer}{tuned} ADAM_LR", lr=config["adam_lr"], loss=loss,
+                    matrix_lr=config[swept])
     return dict(arm=f"{config['norm']} {optimizer}{tuned} {swept.upper()}", lr=config[swept], loss=loss)
+
+
+def with_preset_adam_lr(runs: list[dict]) -> list[dict]:
+    """The Adam lr arm's runs change ADAM_LR only; its point at the preset's ADAM_LR is the matrix arm's run at the
+    same matrix lr, which is added to it here (so that its best and flatness see that point)."""
+    matrix_lrs = {(run["arm"], run["matrix_lr"]) for run in runs if "matrix_lr" in run}
+    added = [dict(arm=adam_arm, lr=PRESET_ADAM_LR, loss=run["loss"]) for run in runs
+             for adam_arm, matrix_lr in matrix_lrs
+             if "matrix_lr" not in run and run["arm"].rsplit(" ", 1)[0] == adam_arm.rsplit(" ", 1)[0]
+             and run["lr"] == matrix_lr]
+    return runs + added
 
 
 def flatness(points: list[tuple[float, float | None]]) -> float:
@@ -102,7 +114,7 @@ def plot(arms: dict[str, list[tuple[float, float | None]]], out: Path) -> None:
 
 def main(log_dir: str, out_dir: str, *more_log_dirs: str) -> None:
     paths = [path for folder in (log_dir, *more_log_dirs) for path in sorted(Path(folder).glob("*.txt"))]
-    runs = [run for run in map(read, paths) if run is not None]
+    runs = with_preset_adam_lr([run for run in map(read, paths) if run is not None])
     text, arms = table(runs)
     out = Path(out_dir)
     (out / "table.txt").write_text(text)
