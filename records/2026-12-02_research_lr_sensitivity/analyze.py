@@ -19,23 +19,11 @@ def wanted(run: dict) -> bool:
     return norm == "rmsnorm" and optimizer in ("muon", "muonmax") and not run["arm"].endswith("ADAM_LR")
 
 
-def plot(arms: dict, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axis = plt.subplots(figsize=(8, 5))
-    for arm, points in sorted(arms.items()):
-        finite = [(lr, loss) for lr, loss in points if loss is not None]
-        style = "-" if " momo " not in arm else ("--" if "lb=0 " in arm else ":")  # no Momo / bound 0 / tight bound
-        color = "tab:blue" if arm.startswith("rmsnorm muon ") else "tab:red"
-        axis.plot([lr for lr, _ in finite], [loss for _, loss in finite], style, color=color, marker="o",
-                  label=arm.rsplit(" ", 1)[0])
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("matrix lr (MUON_LR, MUONMAX_LR)")
-    axis.set_ylabel("final val loss (research preset, 200 steps, bytes)")
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+def style(arm: str) -> tuple[str, dict]:
+    """Blue Muon, red MuonMax; solid without Momo, dashed with bound 0, dotted with the tight bound."""
+    fmt = "-" if " momo " not in arm else ("--" if "lb=0 " in arm else ":")
+    color = "tab:blue" if arm.startswith("rmsnorm muon ") else "tab:red"
+    return fmt, {"color": color, "label": arm.rsplit(" ", 1)[0]}
 
 
 def main(log_dir: str, out_dir: str) -> None:
@@ -45,7 +33,7 @@ def main(log_dir: str, out_dir: str) -> None:
     out = Path(out_dir)
     (out / "table.txt").write_text(text)
     print(text, end="")
-    plot(arms, out / "sensitivity.png")
+    sweep.plot(arms, out / "sensitivity.png", relative=False, style=style, xlabel="matrix lr (MUON_LR, MUONMAX_LR)")
 
 
 if __name__ == "__main__":

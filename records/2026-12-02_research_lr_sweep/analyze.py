@@ -93,7 +93,10 @@ def table(runs: list[dict]) -> tuple[str, dict[str, list[tuple[float, float | No
     return "\n".join(lines) + "\n", arms
 
 
-def plot(arms: dict[str, list[tuple[float, float | None]]], out: Path) -> None:
+def plot(arms: dict[str, list[tuple[float, float | None]]], out: Path, relative: bool = True, style=None,
+         xlabel: str = "lr / the arm's best lr") -> None:
+    """Final val loss against lr, one curve per arm. relative: x is lr / the arm's best lr, so arms on different lr
+    scales share one axis; else the lr itself. style(arm) -> (matplotlib format, keyword arguments) of its curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,11 +104,11 @@ def plot(arms: dict[str, list[tuple[float, float | None]]], out: Path) -> None:
     for arm, points in sorted(arms.items()):
         finite = [(lr, loss) for lr, loss in points if loss is not None]
         if finite:
-            # each arm's lr on its own scale: x is lr / the arm's best lr, so the curves share one axis
-            best_lr = min(finite, key=lambda point: point[1])[0]
-            axis.plot([lr / best_lr for lr, _ in finite], [loss for _, loss in finite], marker="o", label=arm)
+            scale = min(finite, key=lambda point: point[1])[0] if relative else 1.0
+            fmt, kwargs = style(arm) if style else ("-", {"label": arm})
+            axis.plot([lr / scale for lr, _ in finite], [loss for _, loss in finite], fmt, marker="o", **kwargs)
     axis.set_xscale("log", base=2)
-    axis.set_xlabel("lr / the arm's best lr")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel("final val loss (research preset, 200 steps, bytes)")
     axis.legend(fontsize=8)
     fig.tight_layout()
