@@ -38,6 +38,22 @@ def test_research_lr_sweep_reproduces_from_its_logs(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 10_000 and (sweep / "sweep.png").is_file()
 
 
+def test_normuon_muon_adamw_study_reproduces_from_its_logs(tmp_path):
+    """Study (c) (records/2026-12-02_research_normuon_muon_adamw/): table.txt, with each pair's difference, CI and
+    p, is what analyze.py prints for the committed logs, and validate_by.txt is validate.py --by OPTIMIZER's."""
+    study = RECORDS / "2026-12-02_research_normuon_muon_adamw"
+    result = subprocess.run([sys.executable, str(study / "analyze.py"), str(study / "logs"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "table.txt").read_text() == (study / "table.txt").read_text()
+    assert (tmp_path / "loss.png").stat().st_size > 10_000 and (study / "loss.png").is_file()
+    by = subprocess.run([sys.executable, str(RECORDS / "validate.py"), "--by", "OPTIMIZER",
+                         "records/2026-12-02_research_normuon_muon_adamw/logs"],
+                        capture_output=True, text=True, timeout=300, cwd=RECORDS.parent)
+    assert by.returncode == 0, by.stderr[-3000:]
+    assert by.stdout == (study / "validate_by.txt").read_text()
+
+
 def load_sweep_analysis():
     path = RECORDS / "2026-12-02_research_lr_sweep" / "analyze.py"
     spec = importlib.util.spec_from_file_location("sweep_analyze", path)
