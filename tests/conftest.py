@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -83,36 +85,47 @@ def run_env(shard_dir: Path, tmp_path: Path) -> dict[str, str]:
     return preset_env(shard_dir, tmp_path / "logs")
 
 
-# The compiled runs that tests/test_train.py reads, {fixture name: (the test that reads it, its flags)}:
+# The compiled runs that the tests read, {fixture name: (the tests that read it, its flags, the script it runs)}:
 # compiled_run: two batch phases, an extension with its own window, validations at both phases and in the extension,
 # and a final window of its own; compiled_cpu_run: the cpu preset's shapes (dim 128, 1024-token chunks), where
-# Inductor's code once gave non-finite gradients, a few steps on the synthetic shards.
+# Inductor's code once gave non-finite gradients, a few steps on the synthetic shards, after the compiled-against-eager
+# gradient check of tests/compiled_cpu_worker.py (in the same process: the run reuses the check's compiled graph).
 COMPILED_RUNS = {
-    "compiled_run": ("test_compiled_run_has_no_recompile_after_warmup", dict(
+    "compiled_run": (("test_compiled_run_has_no_recompile_after_warmup",), dict(
         COMPILE="1", WARMUP="1", NUM_ITERATIONS="5", EXTENSION_ITERATIONS="1", BATCH_SCHEDULE="128,256",
         LONG_WINDOWS="2,4", EXTENSION_WINDOW="6", FINAL_WINDOW="8", VAL_EVERY="2", ADAM_STEP_EVERY="2",
-        RUN_TAG="compiled")),
-    "compiled_cpu_run": ("test_compiled_cpu_preset_run_loss_falls", dict(
+        RUN_TAG="compiled"), "train_gpt.py"),
+    "compiled_cpu_run": (("test_compiled_cpu_preset_run_loss_falls",
+                          "test_compiled_gradients_equal_eager_at_the_cpu_preset_shapes"), dict(
         PRESET="cpu", COMPILE="1", NUM_ITERATIONS="8", VAL_EVERY="0", VAL_TOKENS="4096", VAL_BATCH_TOKENS="2048",
-        TRAIN_LOG_EVERY="1", RUN_TAG="compiled_cpu")),
+        TRAIN_LOG_EVERY="1", RUN_TAG="compiled_cpu"), "tests/compiled_cpu_worker.py"),
 }
 
 
+@dataclass
+class BackgroundRun:
+    process: subprocess.Popen
+    out: IO[str]  # its stdout and stderr
+    log_dir: Path
+    root: Path  # its temp folder (a worker's own output lands here)
+
+
 def start_compiled_run(request, tmp_path_factory, name: str):
-    """Starts COMPILED_RUNS[name] before the session's first test when the test that reads it is selected:
+    """Starts COMPILED_RUNS[name] before the session's first test when a test that reads it is selected:
     torch.compile on CPU takes minutes, mostly on one core, so the run goes on beside the suite instead of adding to
-    its time. Yields (the process, its output file, its log folder), or None."""
-    test, flags = COMPILED_RUNS[name]
-    if not any(item.name == test for item in request.session.items):
+    its time. Yields a BackgroundRun, or None."""
+    tests, flags, script = COMPILED_RUNS[name]
+    if not any(item.name in tests for item in request.session.items):
         yield None
         return
     root = tmp_path_factory.mktemp(name)
     env = {**preset_env(write_shards(root), root / "logs"), **flags}
+    args = [str(root / "gradients.json")] if script != "train_gpt.py" else []
     with tempfile.TemporaryFile("w+") as out:
-        process = subprocess.Popen([sys.executable, "train_gpt.py"], env=env, cwd=REPO, stdout=out,
+        process = subprocess.Popen([sys.executable, script, *args], env=env, cwd=REPO, stdout=out,
                                    stderr=subprocess.STDOUT)
-        yield process, out, root / "logs"
-        process.kill()  # still running only when the test did not wait for it
+        yield BackgroundRun(process, out, root / "logs", root)
+        process.kill()  # still running only when the tests did not wait for it
 
 
 @pytest.fixture(scope="session", autouse=True)

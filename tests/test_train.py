@@ -246,11 +246,10 @@ def test_compiled_run_has_no_recompile_after_warmup(compiled_run):
 
 def finished_log(background_run, tag: str) -> dict:
     """The parsed log of one of conftest's background runs, once it has ended with exit code 0."""
-    process, out, log_dir = background_run
-    returncode = process.wait(timeout=900)
-    out.seek(0)
-    assert returncode == 0, out.read()[-6000:]
-    return parse_log(next(log_dir.glob(f"*_{tag}_*.txt")))
+    returncode = background_run.process.wait(timeout=900)
+    background_run.out.seek(0)
+    assert returncode == 0, background_run.out.read()[-6000:]
+    return parse_log(next(background_run.log_dir.glob(f"*_{tag}_*.txt")))
 
 
 @pytest.mark.slow
