@@ -27,6 +27,22 @@ def test_norm_optimizer_study_reproduces_from_its_logs(tmp_path):
     assert "cells also split by NORM_ALPHA" in by.stderr  # alpha 0.3 is a cell of its own, never pooled
 
 
+def test_research_norm_optimizer_study_reproduces_from_its_logs(tmp_path):
+    """Study (b) (records/2026-12-02_research_norm_optimizer/): table.txt and the figures are what the earlier
+    study's analyze.py makes of the committed logs, and validate_by.txt is validate.py --by NORM,OPTIMIZER's."""
+    study = RECORDS / "2026-12-02_research_norm_optimizer"
+    result = subprocess.run([sys.executable, str(STUDY / "analyze.py"), str(study / "logs"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "table.txt").read_text() == (study / "table.txt").read_text()
+    for figure in ("loss.png", "saturation.png", "growth.png"):
+        assert (tmp_path / figure).stat().st_size > 10_000 and (study / figure).is_file()
+    by = subprocess.run([sys.executable, str(RECORDS / "validate.py"), "--by", "NORM,OPTIMIZER", "logs"],
+                        capture_output=True, text=True, timeout=300, cwd=study)
+    assert by.returncode == 0, by.stderr[-3000:]
+    assert by.stdout == (study / "validate_by.txt").read_text()
+
+
 def test_research_lr_sweep_reproduces_from_its_logs(tmp_path):
     """The research preset's lr sweep (records/2026-12-02_research_lr_sweep/): table.txt is what analyze.py prints
     for the committed logs, so a hand-edited number or a log left out fails here."""
