@@ -55,13 +55,13 @@ def label(cell: tuple[str, str, float | None]) -> str:
     return f"{norm}{extra} / {optimizer}"
 
 
-def train_curve(run) -> list[tuple[int, float]]:
-    """(step, train loss) of every step line that carries one."""
+def train_curve(run, field: str = "train_loss") -> list[tuple[int, float]]:
+    """(step, value) of every step line that carries `field` ("train_loss", or "val_loss" for the validations)."""
     points = []
     for line in run.path.read_text().splitlines():
         match = validate.STEP_LINE.match(line)
-        if match and match["train_loss"] is not None:
-            points.append((int(match["step"]), float(match["train_loss"])))
+        if match and match[field] is not None:
+            points.append((int(match["step"]), float(match[field])))
     return points
 
 

@@ -63,12 +63,7 @@ def table(groups: dict[str, list]) -> list[str]:
 
 def val_curve(run) -> list[tuple[int, float]]:
     """(step, val loss) of every validation in the log."""
-    points = []
-    for line in run.path.read_text().splitlines():
-        match = validate.STEP_LINE.match(line)
-        if match and match["val_loss"] is not None:
-            points.append((int(match["step"]), float(match["val_loss"])))
-    return points
+    return norm_analyze.train_curve(run, "val_loss")
 
 
 def figure(groups: dict[str, list], out: Path) -> None:
