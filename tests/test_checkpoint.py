@@ -431,6 +431,10 @@ def start_long_world2(run_env, tmp_path, timeout_s: int) -> tuple[subprocess.Pop
 
 
 FAULT_TIMEOUT_S = 8  # DIST_TIMEOUT of the fault runs
+# A job still running this long after the fault is hung. Quiet, a dead peer ends it in ~2 s and a silent one in ~40 s
+# (the timeout, then torchrun's 30 s grace); a loaded CI machine has taken 53 s, so what tells the two faults apart
+# is the cause rank 0 names, not a wall-clock bound.
+JOB_DEADLINE_S = 240
 
 
 def fault_run(root: Path, fault: str) -> dict:
@@ -440,7 +444,7 @@ def fault_run(root: Path, fault: str) -> dict:
     os.kill(worker, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
     started = time.perf_counter()
     try:
-        agent.communicate(timeout=FAULT_TIMEOUT_S + 60)
+        agent.communicate(timeout=JOB_DEADLINE_S)  # TimeoutExpired here fails the test: the job did not end
     finally:
         agent.kill()
     return {"returncode": agent.returncode, "elapsed": time.perf_counter() - started, "logs": root / "logs"}
@@ -463,17 +467,20 @@ def fault_runs(request, tmp_path_factory):
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_a_dead_or_hung_rank_ends_the_job_in_bounded_time(fault_runs, fault):
     """A rank killed mid-run (SIGKILL) or hung (SIGSTOP): rank 0's next collective fails, at once for a dead peer
-    or after DIST_TIMEOUT for a silent one; its log ends with a `stopped:` line, and torchrun ends the job
-    (SIGTERM, then SIGKILL after its 30 s grace for a stopped process)."""
-    result = fault_runs[fault].result(timeout=FAULT_TIMEOUT_S + 300)
+    (gloo: "Connection closed by peer") or after DIST_TIMEOUT for a silent one ("Application timeout"); its log
+    ends with a `stopped:` line naming that cause, and torchrun ends the job by itself (SIGTERM, then SIGKILL
+    after its 30 s grace for a stopped process)."""
+    result = fault_runs[fault].result(timeout=JOB_DEADLINE_S + 300)
     elapsed = result["elapsed"]
-    print(f"{fault}: the job ended {elapsed:.1f} s after the fault")
-    assert result["returncode"] != 0
-    assert elapsed < (FAULT_TIMEOUT_S + 45 if fault == "hung" else 30)
     lines = only_log(result["logs"]).read_text().splitlines()
+    print(f"{fault}: the job ended {elapsed:.1f} s after the fault; rank 0's last line: {lines[-1][:200]}")
+    assert result["returncode"] != 0
     assert lines[-1].startswith("stopped: ") and "RuntimeError" in lines[-1]
+    reason = json.loads(lines[-1].removeprefix("stopped: "))["reason"]
+    # the cause, not the clock, tells the faults apart: only the silent peer is ended by the timeout
+    assert ("timeout" in reason.lower()) == (fault == "hung"), reason
     if fault == "hung":
-        assert elapsed > FAULT_TIMEOUT_S - 1  # it was the timeout, not something else, that ended it
+        assert elapsed > FAULT_TIMEOUT_S - 1  # rank 0 waited out DIST_TIMEOUT before giving up
 
 
 # ---- determinism ----
