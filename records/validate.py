@@ -372,11 +372,14 @@ def interactions(cells: dict[tuple[str, ...], list[Run]], keys: Sequence[str]) -
                      + "".join(f" [{k}={v}]" for k, v in zip(keys[2:], stratum)))
             entry: dict[str, Any] = {"label": label, "first": [a1, a2], "second": [b1, b2],
                                      "stratum": dict(zip(keys[2:], stratum))}
-            table = [losses.get((a, b) + stratum, []) for a in (a1, a2) for b in (b1, b2)]
-            try:
+            corners = [(a, b) for a in (a1, a2) for b in (b1, b2)]
+            table = [losses.get(corner + stratum, []) for corner in corners]
+            short = [f"{keys[0]}={a}, {keys[1]}={b} ({len(cell)} run(s))"
+                     for (a, b), cell in zip(corners, table) if len(cell) < 2]
+            if short:  # named, so that a cell the grid never had reads differently from one short of seeds
+                entry["skipped"] = "every cell needs at least two runs to estimate its variance: " + "; ".join(short)
+            else:
                 entry.update(interaction_contrast(table))
-            except ValueError as exc:
-                entry["skipped"] = str(exc)
             results.append(entry)
     return results
 

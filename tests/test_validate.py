@@ -486,6 +486,21 @@ def test_by_splits_cells_by_a_difference_outside_its_keys(tmp_path: Path, capsys
     assert len(json.loads(pooled.stdout)["groups"]) == 4
 
 
+def test_by_names_the_cells_a_skipped_contrast_lacks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # a grid without one corner (derf/adamw never run) and one corner short of seeds (rmsnorm/muon: one run)
+    cells = {("derf", "muon"): [3.30, 3.33, 3.31], ("rmsnorm", "adamw"): [3.35, 3.33, 3.36],
+             ("rmsnorm", "muon"): [3.27]}
+    for (norm, optimizer), losses in cells.items():
+        write_runs(tmp_path, losses, [100.0] * len(losses), config={"norm": norm, "optimizer": optimizer},
+                   prefix=f"{norm}{optimizer}")
+    result = run_main(capsys, "--by", "NORM,OPTIMIZER", "--json", str(tmp_path))
+    (entry,) = json.loads(result.stdout)["interactions"]
+    assert entry["skipped"].startswith("every cell needs at least two runs")
+    assert "norm=derf, optimizer=adamw (0 run(s))" in entry["skipped"]
+    assert "norm=rmsnorm, optimizer=muon (1 run(s))" in entry["skipped"]
+    assert "norm=derf, optimizer=muon" not in entry["skipped"] and "rmsnorm, optimizer=adamw" not in entry["skipped"]
+
+
 def test_public_logs_without_config_still_pool(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for index, loss in enumerate(SEED_RECORD_LOSSES[:4]):
         write_public_log(tmp_path / f"public_{index}.txt", loss, 131.0 + index)
