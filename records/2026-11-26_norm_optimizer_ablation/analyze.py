@@ -105,12 +105,13 @@ def mean_over_seeds(runs, key: str, sites=None) -> dict[str, list[tuple[int, flo
 
 
 def table(cells: dict) -> list[str]:
-    lines = [f"{'cell':28} {'n':>2} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} {'time/run':>9}   final val losses"]
+    width = max([28] + [len(label(cell)) for cell in cells])  # the cell column fits the longest label
+    lines = [f"{'cell':{width}} {'n':>2} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} {'time/run':>9}   final val losses"]
     for cell, runs in cells.items():
         losses = [r.final_loss for r in runs]
         std = statistics.stdev(losses) if len(losses) > 1 else math.nan
         minutes = statistics.mean(r.train_time_ms for r in runs) / 60000
-        lines.append(f"{label(cell):28} {len(runs):>2} {statistics.mean(losses):8.4f} {std:8.4f} {min(losses):8.4f} "
+        lines.append(f"{label(cell):{width}} {len(runs):>2} {statistics.mean(losses):8.4f} {std:8.4f} {min(losses):8.4f} "
                      f"{max(losses):8.4f} {minutes:7.2f}m   " + " ".join(f"{x:.4f}" for x in losses))
     losses = {cell: [r.final_loss for r in runs] for cell, runs in cells.items()}
     lines += ["", "gap to rmsnorm under the same optimizer (mean difference, 95% Welch CI):"]
@@ -121,7 +122,7 @@ def table(cells: dict) -> list[str]:
         if norm != "rmsnorm" and base and len(base) > 1 and len(losses[cell]) > 1:
             gaps[cell] = welch(losses[cell], base)
             diff, low, high = gaps[cell]
-            lines.append(f"  {label(cell):28} {diff:+.4f}  [{low:+.4f}, {high:+.4f}]")
+            lines.append(f"  {label(cell):{width}} {diff:+.4f}  [{low:+.4f}, {high:+.4f}]")
     derf_adamw = next((v for k, v in gaps.items() if k[:2] == ("derf", "adamw") and k[2] == 0.5), None)
     derf_muon = next((v for k, v in gaps.items() if k[:2] == ("derf", "muon") and k[2] == 0.5), None)
     if derf_adamw and derf_muon:
@@ -132,7 +133,7 @@ def table(cells: dict) -> list[str]:
         for cell, (diff, low, high) in gaps.items():
             if cell[1] == "muon" and cell != ("derf", "muon", 0.5) and cell[0] != "dyt":
                 change, change_low, change_high = welch(losses[cell], losses[("derf", "muon", 0.5)])
-                lines.append(f"  {label(cell):28} {1 - diff / derf_muon[0]:6.1%}  (its gap {diff:+.4f} "
+                lines.append(f"  {label(cell):{width}} {1 - diff / derf_muon[0]:6.1%}  (its gap {diff:+.4f} "
                              f"[{low:+.4f}, {high:+.4f}] against derf's {derf_muon[0]:+.4f} "
                              f"[{derf_muon[1]:+.4f}, {derf_muon[2]:+.4f}]; it minus derf: {change:+.4f} "
                              f"[{change_low:+.4f}, {change_high:+.4f}])")
