@@ -96,6 +96,19 @@ def test_lr_sensitivity_analysis_reads_the_sweeps_curves(tmp_path):
     assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
 
 
+def test_lr_sensitivity_study_reproduces_from_its_logs(tmp_path):
+    """Its committed table.txt is what analyze.py makes of the committed logs (with the sweep's curves)."""
+    study = RECORDS / "2026-12-02_research_lr_sensitivity"
+    if not (study / "table.txt").exists():
+        pytest.skip("no run of the lr-sensitivity study is committed yet")
+    result = subprocess.run([sys.executable, str(study / "analyze.py"), str(study / "logs"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "table.txt").read_text() == (study / "table.txt").read_text()
+    assert " momo " in (study / "table.txt").read_text()  # its own curves, not only the sweep's
+    assert (tmp_path / "sensitivity.png").stat().st_size > 10_000 and (study / "sensitivity.png").is_file()
+
+
 def test_norm_optimizer_analysis_keeps_the_adamw_arms_apart():
     """The research preset's normalization x optimizer study runs AdamW with the speedrun's Adam settings at two lrs
     and, apart, with beta1 0.9 and 20 warmup steps: the analysis must never pool them (logs older than
