@@ -85,15 +85,15 @@ def test_flatness_counts_factors_of_2_within_the_limit_of_the_best(points, expec
 def test_lr_sensitivity_analysis_reads_the_sweeps_curves(tmp_path):
     """The lr-sensitivity study (records/2026-12-02_research_lr_sensitivity/, not run yet) takes its curves without
     Momo from the lr sweep's logs: with no log of its own, its table is the sweep's Muon and MuonMax rows."""
-    study, logs = RECORDS / "2026-12-02_research_lr_sensitivity", tmp_path / "logs"
+    study, logs, out = RECORDS / "2026-12-02_research_lr_sensitivity", tmp_path / "logs", tmp_path / "new" / "out"
     logs.mkdir()
-    result = subprocess.run([sys.executable, str(study / "analyze.py"), str(logs), str(tmp_path)],
+    result = subprocess.run([sys.executable, str(study / "analyze.py"), str(logs), str(out)],  # out: made for it
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_rows = (RECORDS / "2026-12-02_research_lr_sweep" / "table.txt").read_text().splitlines()
     assert result.stdout.splitlines() == [row for row in sweep_rows
                                           if row.startswith(("rmsnorm muon MUON_LR", "rmsnorm muonmax MUONMAX_LR"))]
-    assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
+    assert (out / "sensitivity.png").stat().st_size > 10_000
 
 
 def test_lr_sensitivity_study_reproduces_from_its_logs(tmp_path):

@@ -221,6 +221,7 @@ def main(log_dir: str, out_dir: str) -> None:
                                            -float(r.config["norm_alpha"]), r.config["seed"])):
         cells.setdefault(cell_of(run), []).append(run)
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # a new folder is fine: the table and figures go there
     text = "\n".join(table(cells)) + "\n"
     (out / "table.txt").write_text(text)
     print(text)

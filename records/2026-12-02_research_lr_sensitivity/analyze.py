@@ -31,6 +31,7 @@ def main(log_dir: str, out_dir: str) -> None:
     runs = [run for run in map(sweep.read, paths) if run is not None and wanted(run)]
     text, arms = sweep.table(runs)
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # a new folder is fine: the table and figures go there
     (out / "table.txt").write_text(text)
     print(text, end="")
     sweep.plot(arms, out / "sensitivity.png", relative=False, style=style, xlabel="matrix lr (MUON_LR, MUONMAX_LR)")

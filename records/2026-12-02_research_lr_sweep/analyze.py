@@ -120,6 +120,7 @@ def main(log_dir: str, out_dir: str, *more_log_dirs: str) -> None:
     runs = with_preset_adam_lr([run for run in map(read, paths) if run is not None])
     text, arms = table(runs)
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # a new folder is fine: the table and figures go there
     (out / "table.txt").write_text(text)
     print(text, end="")
     plot(arms, out / "sweep.png")

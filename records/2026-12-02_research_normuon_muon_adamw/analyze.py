@@ -103,6 +103,7 @@ def main(log_dir: str, out_dir: str) -> None:
     runs, _ = validate.load_runs([log_dir])
     groups = group(runs)
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # a new folder is fine: the table and figures go there
     text = "\n".join(table(groups)) + "\n"
     (out / "table.txt").write_text(text)
     print(text, end="")
