@@ -83,8 +83,8 @@ def test_flatness_counts_factors_of_2_within_the_limit_of_the_best(points, expec
 
 
 def test_lr_sensitivity_analysis_reads_the_sweeps_curves(tmp_path):
-    """The lr-sensitivity study (records/2026-12-02_research_lr_sensitivity/, not run yet) takes its curves without
-    Momo from the lr sweep's logs: with no log of its own, its table is the sweep's Muon and MuonMax rows."""
+    """The lr-sensitivity study (records/2026-12-02_research_lr_sensitivity/) takes its curves without Momo from the
+    lr sweep's logs: given an empty log folder, its table is the sweep's Muon and MuonMax rows."""
     study, logs, out = RECORDS / "2026-12-02_research_lr_sensitivity", tmp_path / "logs", tmp_path / "new" / "out"
     logs.mkdir()
     result = subprocess.run([sys.executable, str(study / "analyze.py"), str(logs), str(out)],  # out: made for it

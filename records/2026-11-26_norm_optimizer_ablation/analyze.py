@@ -106,13 +106,15 @@ def mean_over_seeds(runs, key: str, sites=None) -> dict[str, list[tuple[int, flo
 
 def table(cells: dict) -> list[str]:
     width = max([28] + [len(label(cell)) for cell in cells])  # the cell column fits the longest label
-    lines = [f"{'cell':{width}} {'n':>2} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} {'time/run':>9}   final val losses"]
+    lines = [f"{'cell':{width}} {'n':>2} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} {'time/run':>9}"
+             "   final val losses"]
     for cell, runs in cells.items():
         losses = [r.final_loss for r in runs]
         std = statistics.stdev(losses) if len(losses) > 1 else math.nan
         minutes = statistics.mean(r.train_time_ms for r in runs) / 60000
-        lines.append(f"{label(cell):{width}} {len(runs):>2} {statistics.mean(losses):8.4f} {std:8.4f} {min(losses):8.4f} "
-                     f"{max(losses):8.4f} {minutes:7.2f}m   " + " ".join(f"{x:.4f}" for x in losses))
+        lines.append(f"{label(cell):{width}} {len(runs):>2} {statistics.mean(losses):8.4f} {std:8.4f} "
+                     f"{min(losses):8.4f} {max(losses):8.4f} {minutes:7.2f}m   "
+                     + " ".join(f"{x:.4f}" for x in losses))
     losses = {cell: [r.final_loss for r in runs] for cell, runs in cells.items()}
     lines += ["", "gap to rmsnorm under the same optimizer (mean difference, 95% Welch CI):"]
     gaps = {}

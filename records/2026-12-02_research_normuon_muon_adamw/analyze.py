@@ -4,8 +4,8 @@
 
 table.txt: per optimizer the seeds' final val losses, their mean and std and the time per run; then every pair's
 difference of means with its 95% Welch CI (Welch-Satterthwaite df, as the norm x optimizer study computes its gaps)
-and the two-sided Welch p (validate.py's welch_test). loss.png: each optimizer's train loss (logged every few steps) and val
-loss minus Muon's at the same step, seed means, and every seed's final val loss.
+and the two-sided Welch p (validate.py's welch_test). loss.png: each optimizer's train loss (logged every few
+steps) and val loss minus Muon's at the same step, seed means, and every seed's final val loss.
 """
 
 from __future__ import annotations
