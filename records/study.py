@@ -82,7 +82,9 @@ def run_tag(prefix: str, flags: dict[str, str]) -> str:
 def run_state(log_dir: Path, tag: str) -> tuple[str, list[Path]]:
     """("done", [log]) when a log of this tag ended (a final: line, or stopped on a non-finite loss), else
     ("todo", the tag's unfinished logs)."""
-    logs = sorted(log_dir.glob(f"*_{tag}_*.txt"))
+    # a log is <UTC stamp>_<tag>_<run id>.txt: its whole tag must be this one, since a cell that adds a flag to
+    # another (MOMO=1 and MOMO=1 MOMO_LB=3.5) has a tag that holds the other's
+    logs = sorted(log for log in log_dir.glob("*.txt") if log.stem.split("_", 1)[-1].rsplit("_", 1)[0] == tag)
     for log in logs:
         lines = log.read_text(errors="replace").splitlines()
         if any(line.startswith("final: ") or (line.startswith("stopped: ") and "non-finite" in line)
