@@ -353,14 +353,30 @@ def flex_block_mask(docs: Tensor, window_tokens: int):
     return BlockMask.from_kv_blocks(*kv_blocks(partial), *kv_blocks(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod)
 
 
+COMPILE_RECOMPILE_LIMIT = 64  # above the variants one run compiles (torch's default of 8 is not; see below)
+
+
+def raise_recompile_limit() -> None:
+    """Lets every compiled function of a run keep up to COMPILE_RECOMPILE_LIMIT variants. Past torch's default of 8
+    dynamo silently runs the function eagerly, and one run meets more: the model at each (batch, window) phase and
+    validation window; the Flex kernel at about 16 (length, window, grad mode) variants even with COMPILE=0, where
+    eager Flex materializes the full score matrices (at a 262K-token validation sequence, far beyond any GPU); the
+    FP8 head's op bodies at each chunk length."""
+    torch._dynamo.config.recompile_limit = max(COMPILE_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(COMPILE_RECOMPILE_LIMIT * 4,
+                                                           torch._dynamo.config.accumulated_recompile_limit)
+
+
 _flex_kernel: Callable | None = None
 
 
 def prepare_attention(device: torch.device) -> None:
-    """Creates the compiled FlexAttention once, in setup (CUDA only; CPU runs SDPA and needs nothing)."""
+    """Creates the compiled FlexAttention once, in setup (CUDA only; CPU runs SDPA and needs nothing). Compiled
+    whatever COMPILE says: FlexAttention is only fast (and only fits in memory) as a compiled kernel."""
     global _flex_kernel
     if device.type == "cuda" and _flex_kernel is None:
         from torch.nn.attention.flex_attention import flex_attention as flex
+        raise_recompile_limit()
         _flex_kernel = torch.compile(flex, dynamic=False)
 
 
@@ -410,17 +426,48 @@ def _fp8_matmul(a: Tensor, b: Tensor, scale_a: float, scale_b: float, out_dtype:
     return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
 
 
+def _fp8_forward_body(x: Tensor, w: Tensor, x_scale: float, w_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """fp8_linear_op's work: x (N, K), w (M, K) -> (out (N, M) bf16, x_f8 (N, K), w_f8 (M, K) e4m3)."""
+    x_f8 = fp8_quantize(x, x_scale, torch.float8_e4m3fn)
+    w_f8 = fp8_quantize(w, w_scale, torch.float8_e4m3fn)
+    out = _fp8_matmul(x_f8, w_f8.T, x_scale, w_scale, torch.bfloat16, fast_accum=True)  # w_f8.T: column-major
+    return out, x_f8, w_f8
+
+
+def _fp8_backward_body(grad: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float,
+                       grad_scale: float) -> tuple[Tensor, Tensor]:
+    """fp8_linear_backward_op's work: grad (N, M), x_f8 (N, K), w_f8 (M, K) -> (grad_x (N, K) bf16, grad_w (M, K)
+    fp32), grad rounded to float8_e5m2 (more range, less precision than the forward's e4m3)."""
+    g_f8 = fp8_quantize(grad, grad_scale, torch.float8_e5m2)
+    # grad_x = g @ w: w_f8 (M, K) made column-major by .T.contiguous().T
+    grad_x = _fp8_matmul(g_f8, w_f8.T.contiguous().T, grad_scale, w_scale, torch.bfloat16, fast_accum=False)
+    # grad_w^T = x^T @ g, then transposed back: #48 measured this order faster than g^T @ x for the (50304, 768)
+    # head (the wide vocab dim lands on the column-major second operand)
+    grad_w = _fp8_matmul(x_f8.T.contiguous(), g_f8.T.contiguous().T, x_scale, grad_scale, torch.float32,
+                         fast_accum=False).T
+    return grad_x, grad_w
+
+
+@functools.cache
+def _compiled_fp8_bodies() -> tuple[Callable, Callable]:
+    """The two op bodies compiled, made at their first call (importing compiles nothing). Inside an opaque custom
+    op the model's own compile never sees them, and eager they cost four kernels and two fp32 copies of the
+    (tokens, vocab) operand each: divide, clamp, cast, matmul. Compiled, the scaling and cast fuse into one pass,
+    as #48's @torch.compile impls do. Always compiled, whatever COMPILE says (it only names the model's graph)."""
+    raise_recompile_limit()  # one variant per chunk length and scale
+    return (torch.compile(_fp8_forward_body, dynamic=False, fullgraph=True),
+            torch.compile(_fp8_backward_body, dynamic=False, fullgraph=True))
+
+
 # The FP8 head as two custom ops (as #48): torch.compile sees each as one opaque call with a fake (shape-only)
 # twin, so Inductor never chooses the operand layouts that torch._scaled_mm's row-/column-major rule depends on.
 @torch.library.custom_op("speedrun::fp8_linear", mutates_args=())
 def fp8_linear_op(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """x (N, K) @ w (M, K)^T with both operands in float8_e4m3fn; returns (out (N, M) bf16, x_f8, w_f8), the FP8
-    operands kept for the backward."""
-    x_f8 = fp8_quantize(x, x_scale, torch.float8_e4m3fn)
-    w_f8 = fp8_quantize(w, w_scale, torch.float8_e4m3fn)
-    out = _fp8_matmul(x_f8, w_f8.T, x_scale, w_scale, torch.bfloat16, fast_accum=True)  # w_f8.T: column-major
-    return out, x_f8, w_f8
+    operands kept for the backward. grad_scale is the backward's (the gradient is divided by it before its e5m2
+    cast)."""
+    return _compiled_fp8_bodies()[0](x, w, x_scale, w_scale)
 
 
 @fp8_linear_op.register_fake
@@ -432,16 +479,8 @@ def _(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -
 @torch.library.custom_op("speedrun::fp8_linear_backward", mutates_args=())
 def fp8_linear_backward_op(grad: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float,
                            grad_scale: float) -> tuple[Tensor, Tensor]:
-    """The gradients (grad_x (N, K) bf16, grad_w (M, K) fp32) of fp8_linear_op for grad (N, M), which is rounded to
-    float8_e5m2 (more range, less precision than the forward's e4m3)."""
-    g_f8 = fp8_quantize(grad, grad_scale, torch.float8_e5m2)
-    # grad_x = g @ w: w_f8 (M, K) made column-major by .T.contiguous().T
-    grad_x = _fp8_matmul(g_f8, w_f8.T.contiguous().T, grad_scale, w_scale, torch.bfloat16, fast_accum=False)
-    # grad_w^T = x^T @ g, then transposed back: #48 measured this order faster than g^T @ x for the (50304, 768)
-    # head (the wide vocab dim lands on the column-major second operand)
-    grad_w = _fp8_matmul(x_f8.T.contiguous(), g_f8.T.contiguous().T, x_scale, grad_scale, torch.float32,
-                         fast_accum=False).T
-    return grad_x, grad_w
+    """The gradients (grad_x (N, K) bf16, grad_w (M, K) fp32) of fp8_linear_op for grad (N, M)."""
+    return _compiled_fp8_bodies()[1](grad, x_f8, w_f8, x_scale, w_scale, grad_scale)
 
 
 @fp8_linear_backward_op.register_fake
@@ -456,9 +495,14 @@ def _fp8_linear_setup_context(ctx, inputs: tuple, output: tuple) -> None:
     _, x_f8, w_f8 = output
     ctx.save_for_backward(x_f8, w_f8)
     ctx.scales, ctx.dtypes = (x_scale, w_scale, grad_scale), (x.dtype, w.dtype)
+    # the FP8 operands are outputs that nothing differentiates: their gradients stay None instead of two zero
+    # tensors of x's and w's shapes made for every backward (#48 does the same)
+    ctx.set_materialize_grads(False)
 
 
-def _fp8_linear_backward(ctx, grad: Tensor, *_unused_fp8_operand_grads: Tensor) -> tuple:
+def _fp8_linear_backward(ctx, grad: Tensor | None, *_unused_fp8_operand_grads: Tensor | None) -> tuple:
+    if grad is None:  # out did not reach the loss (not materialized: see setup_context)
+        return None, None, None, None, None
     x_f8, w_f8 = ctx.saved_tensors
     grad_x, grad_w = fp8_linear_backward_op(grad, x_f8, w_f8, *ctx.scales)
     return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
@@ -1645,9 +1689,14 @@ class GPT(nn.Module):
     there without yarn.apply).
     """
 
-    def __init__(self, hp: Hyperparameters, embed_dtype: torch.dtype = torch.float32, max_seq_len: int | None = None):
+    def __init__(self, hp: Hyperparameters, embed_dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
+                 accum_steps: int = 1):
         super().__init__()
         self.hp = hp
+        # The loop divides each chunk's loss by the accumulation steps before its backward (as #48), so on one GPU
+        # (8 steps) the head's gradient is 8x smaller than on 8 GPUs (1 step). The FP8 head's e5m2 gradient scale
+        # shrinks by the same factor, so its cast sees #48's 8-GPU values, away from e5m2's subnormals.
+        self.fp8_grad_scale = FP8_GRAD_SCALE / accum_steps
         self.plan = layer_plan(hp.num_layers, hp.num_value_embeds)
         n = hp.num_layers
         self.embed = nn.Embedding(hp.vocab_size, hp.model_dim, dtype=embed_dtype)
@@ -1773,7 +1822,7 @@ class GPT(nn.Module):
         hp = self.hp
         if fp8:
             logits = fp8_linear(x, self.lm_head, math.sqrt(hp.model_dim) / FP8_X_SCALE_NUMERATOR,
-                                FP8_W_SCALE, FP8_GRAD_SCALE)
+                                FP8_W_SCALE, self.fp8_grad_scale)
         else:
             logits = F.linear(x, self.lm_head.type_as(x))
         return hp.logit_cap * torch.sigmoid(logits * (1 / hp.logit_temperature))
@@ -3190,7 +3239,6 @@ def help_text() -> str:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-COMPILE_RECOMPILE_LIMIT = 64  # above the window/shape variants one run compiles (torch's default of 8 is not)
 REPEAT_SIGNAL_S = 1.0  # a signal this soon after the first is the same request (Ctrl-C under torchrun: one from the
                        # terminal, one forwarded by torchrun); a later one stops at once
 
@@ -3265,13 +3313,11 @@ def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainSta
     loader = PackedLoader(train_files, hp.vocab_size, hp.max_seq_len, launch.rank, launch.world_size,
                           pin_memory=device.type == "cuda", bos_id=hp.bos_id)
     if hp.compile:
-        torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
-        torch._dynamo.config.accumulated_recompile_limit = max(COMPILE_RECOMPILE_LIMIT * 4,
-                                                               torch._dynamo.config.accumulated_recompile_limit)
+        raise_recompile_limit()
     prepare_attention(device)
     torch.manual_seed(hp.seed)
     embed_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = GPT(hp, embed_dtype, max_sequence_tokens(hp, launch.world_size)).to(device)
+    model = GPT(hp, embed_dtype, max_sequence_tokens(hp, launch.world_size), geometry.accum_steps).to(device)
     optimizers = build_optimizers(model, hp)
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model
     momo = Momo(hp.momo_lb, hp.momo_beta) if hp.momo else None

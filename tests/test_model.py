@@ -216,6 +216,81 @@ def test_fp8_custom_op_forward_and_backward_against_float64(compiled):
     torch.testing.assert_close(w.grad.double(), grad_w, rtol=1e-2, atol=1e-5)
 
 
+def test_fp8_op_bodies_run_compiled():
+    """The op bodies run as compiled graphs (as #48's @torch.compile impls), not as eager divide/clamp/cast/matmul
+    kernels: a call at a chunk length not seen before compiles one new graph forward and one backward, and a second
+    call at that length compiles nothing (and gives what the CPU twin gives)."""
+    from torch._dynamo.utils import counters
+    x = torch.randn(40, 768).bfloat16().requires_grad_()  # 40 rows: a shape no other test compiles
+    w = (torch.randn(256, 768) * 0.01).bfloat16().requires_grad_()
+    graphs = lambda: counters["stats"]["unique_graphs"]
+    before = graphs()
+    out = T.fp8_linear_op(x, w, *FP8_SCALES)[0]
+    after_forward = graphs()
+    out.backward(torch.ones_like(out))
+    assert (after_forward - before, graphs() - after_forward) == (1, 1)
+    again = T.fp8_linear_op(x, w, *FP8_SCALES)[0].detach()
+    assert graphs() == before + 2 and torch.equal(again, T.fp8_linear_reference(x.detach(), w.detach(), *FP8_SCALES))
+
+
+def fp8_backward_inputs(monkeypatch, accum_steps: int) -> torch.Tensor:
+    """What the FP8 head's backward op divides and casts to e5m2 (grad / grad_scale) in one step of a test-preset
+    GPT built for accum_steps, its chunk loss divided by accum_steps before backward as the loop does. The op runs
+    on the CPU here (on CUDA it is the only path); a dispatch mode records its arguments."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.speedrun.fp8_linear_backward.default:
+                grad, *_, grad_scale = args
+                seen.append(grad.float() / grad_scale)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(T, "fp8_linear", lambda x, w, *scales: T.fp8_linear_op(x, w, *scales)[0])
+    torch.manual_seed(0)
+    model = T.GPT(hp(), accum_steps=accum_steps)
+    with torch.no_grad():
+        model.lm_head.normal_(std=0.02)  # a nonzero head: the logits' gradient depends on it
+    idx = torch.randint(0, 50257, (65,))
+    loss = model(idx[:-1], idx[1:], "sum", fp8=True)
+    with Record():
+        (loss / accum_steps).backward()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_fp8_gradient_scale_folds_the_accumulation(monkeypatch):
+    """On one GPU (8 accumulation steps) each chunk's loss is divided by 8 before backward; the head's e5m2 cast must
+    still see the values it sees on 8 GPUs (1 step), #48's ranges: grad / grad_scale equal at both."""
+    one_gpu, eight_gpus = fp8_backward_inputs(monkeypatch, 8), fp8_backward_inputs(monkeypatch, 1)
+    assert eight_gpus.abs().max() > 1  # a gradient of the e5m2 range's scale, not a zero
+    torch.testing.assert_close(one_gpu, eight_gpus, rtol=1e-6, atol=0)
+
+
+def test_setup_builds_the_model_with_its_accumulation_steps(run_env):
+    """setup() hands the world's accumulation steps to GPT: the test preset's 2 chunks on one process are 2 steps."""
+    hp_, launch = T.parse_env(run_env, False)
+    state = T.setup(hp_, launch, torch.device("cpu"))
+    assert state.geometry.accum_steps == 2
+    assert state.model.fp8_grad_scale == T.FP8_GRAD_SCALE / 2
+
+
+def test_flex_attention_raises_the_recompile_limit_without_compile(monkeypatch):
+    """With COMPILE=0 on CUDA the Flex kernel is still compiled and meets ~16 (length, window, grad mode) variants:
+    preparing it raises dynamo's recompile limit (torch's default of 8 would make it fall back to eager Flex, whose
+    full score matrices do not fit at a validation sequence). Preparing builds the wrapper only: no CUDA is touched."""
+    monkeypatch.setattr(T, "_flex_kernel", None)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 8)
+    T.prepare_attention(torch.device("cpu"))
+    assert torch._dynamo.config.recompile_limit == 8  # the CPU runs SDPA: nothing compiled, nothing raised
+    T.prepare_attention(torch.device("cuda"))
+    assert T._flex_kernel is not None
+    assert torch._dynamo.config.recompile_limit == T.COMPILE_RECOMPILE_LIMIT >= 16
+    assert torch._dynamo.config.accumulated_recompile_limit >= 4 * T.COMPILE_RECOMPILE_LIMIT
+
+
 @pytest.mark.cuda
 def test_fp8_kernel_backward_matches_float64_reference():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
