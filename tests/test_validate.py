@@ -629,3 +629,56 @@ def test_a_chain_of_resumes_joins_each_log_at_its_own_resume_step(tmp_path: Path
 def test_a_continuation_alone_starts_its_curve_at_the_resume_step(tmp_path: Path) -> None:
     write_resumable_log(tmp_path / "b_second.txt", {6: 4.6, 9: 4.3, 12: 4.1}, resumed=("a_first", 6))
     assert curves(joined_run(tmp_path)) == (JOINED[2:], JOINED[2:])
+
+
+@pytest.mark.parametrize("b_above_a", [False, True])
+def test_compare_one_sided_p_on_either_side(tmp_path: Path, capsys: pytest.CaptureFixture, b_above_a: bool) -> None:
+    """p_less is P(T_df <= t) of Welch's t (H1: B below A), from t and df computed here by hand: half the two-sided
+    p when B is below A, and 1 - half of it when B is above A (then above 0.5), in the JSON and in the text."""
+    low, high = [3.2771, 3.2780, 3.2768, 3.2790, 3.2775], [3.2801, 3.2789, 3.2812, 3.2795]
+    losses_a, losses_b = (low, high) if b_above_a else (high, low)
+    folder_a = write_runs(tmp_path / "a", losses_a, [131.0 + i for i in range(len(losses_a))])
+    folder_b = write_runs(tmp_path / "b", losses_b, [130.0 + i for i in range(len(losses_b))])
+    var_a, var_b = statistics.variance(losses_a) / len(losses_a), statistics.variance(losses_b) / len(losses_b)
+    t = (statistics.mean(losses_b) - statistics.mean(losses_a)) / math.sqrt(var_a + var_b)
+    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(losses_a) - 1) + var_b ** 2 / (len(losses_b) - 1))
+    two_sided, one_sided = 2 * stats.t.sf(abs(t), df), stats.t.cdf(t, df)
+    assert (t > 0) == b_above_a and (one_sided > 0.5) == b_above_a
+    loss = json.loads(run_main(capsys, "--compare", str(folder_a), str(folder_b), "--json").stdout)["welch"]["loss"]
+    assert loss["p"] == pytest.approx(two_sided, rel=1e-9)
+    assert loss["p_less"] == pytest.approx(one_sided, rel=1e-9)
+    assert loss["p_less"] == pytest.approx(1 - two_sided / 2 if b_above_a else two_sided / 2, rel=1e-9)
+    text = run_main(capsys, "--compare", str(folder_a), str(folder_b)).stdout
+    line = next(line for line in text.splitlines() if line.startswith("final val loss:"))
+    assert line.endswith(f"p={two_sided:.4g} (one-sided, B below A: p={one_sided:.4g})"), line
+
+
+def test_by_contrasts_each_stratum_over_its_own_levels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A stratum that lacks a level of the first key: NORM_ALPHA 0.5 holds rmsnorm and derf, 0.3 holds derf and
+    dyt (each under both optimizers). Each stratum gets the one 2x2 its own levels make, computed; no contrast of a
+    level the stratum never had (a skipped entry naming a cell of 0 runs would read as seeds missing)."""
+    cells = {("rmsnorm", "adamw", 0.5): [3.35, 3.33, 3.36], ("rmsnorm", "muon", 0.5): [3.27, 3.30, 3.28],
+             ("derf", "adamw", 0.5): [3.40, 3.43, 3.41], ("derf", "muon", 0.5): [3.30, 3.33, 3.31],
+             ("derf", "adamw", 0.3): [3.38, 3.36, 3.39], ("derf", "muon", 0.3): [3.10, 3.12, 3.11],
+             ("dyt", "adamw", 0.3): [3.45, 3.41, 3.44], ("dyt", "muon", 0.3): [3.21, 3.25, 3.22]}
+    for (norm, optimizer, alpha), losses in cells.items():
+        write_runs(tmp_path, losses, [100.0] * len(losses),
+                   config={"norm": norm, "optimizer": optimizer, "norm_alpha": alpha},
+                   prefix=f"{norm}{optimizer}{alpha}")
+    mean = {cell: statistics.mean(losses) for cell, losses in cells.items()}
+    expected = {
+        "(derf - rmsnorm | optimizer=muon) - (derf - rmsnorm | optimizer=adamw) [norm_alpha=0.5]":
+            (mean["derf", "muon", 0.5] - mean["rmsnorm", "muon", 0.5])
+            - (mean["derf", "adamw", 0.5] - mean["rmsnorm", "adamw", 0.5]),
+        "(derf - dyt | optimizer=muon) - (derf - dyt | optimizer=adamw) [norm_alpha=0.3]":
+            (mean["derf", "muon", 0.3] - mean["dyt", "muon", 0.3])
+            - (mean["derf", "adamw", 0.3] - mean["dyt", "adamw", 0.3]),
+    }
+    result = run_main(capsys, "--by", "NORM,OPTIMIZER", "--json", str(tmp_path))
+    assert result.returncode == validate.EXIT_PASS, result.stderr
+    found = {entry["label"]: entry for entry in json.loads(result.stdout)["interactions"]}
+    assert set(found) == set(expected)
+    for label, contrast in expected.items():
+        assert "skipped" not in found[label] and found[label]["contrast"] == pytest.approx(contrast, rel=1e-9)
+    text = run_main(capsys, "--by", "NORM,OPTIMIZER", str(tmp_path)).stdout
+    assert "skipped" not in text and all(label in text for label in expected)
