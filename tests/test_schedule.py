@@ -183,3 +183,25 @@ def test_lr_warmup_ramps_every_lr_from_zero_then_hands_over_to_the_schedule():
     assert {group["schedule"] for opt in optimizers for group in opt.param_groups} == {T.lr_multiplier(0, warm)}
     with pytest.raises(T.ConfigError, match="LR_WARMUP_STEPS"):
         T.parse_env({"LR_WARMUP_STEPS": "-1"}, False)
+
+
+def test_lr_warmup_multiplies_the_boosted_and_cooling_schedule_at_each_step():
+    """A warmup as long as most of the run (10 of 12 steps) overlaps the second and third boosts and the cooldown:
+    at each warmup step the lr is (step + 1) / 11 of the schedule's value at that step, the schedule written out
+    here (boosts 1, 1.5, 2 from x > 1/3 and 2/3; linear decay to 0.1 over the last half)."""
+    hp = T.parse_env({"PRESET": "test", "NUM_ITERATIONS": "12", "LR_BOOSTS": "1,1.5,2", "LR_BOOST_AT": "0.33,0.66",
+                      "COOLDOWN_FRAC": "0.5", "FINAL_LR_FRAC": "0.1", "LR_WARMUP_STEPS": "10"}, False)[0]
+
+    def scheduled(step):
+        x = step / 12
+        peak = 2.0 if x > 0.66 else 1.5 if x > 0.33 else 1.0
+        if x < 0.5:
+            return peak
+        w = (1 - x) / 0.5
+        return peak * w + 0.1 * (1 - w)
+
+    assert {scheduled(step) for step in range(10)} > {1.0, 1.5} and scheduled(9) not in (1.0, 1.5, 2.0)
+    for step in range(10):
+        assert T.lr_multiplier(step, hp) == pytest.approx((step + 1) / 11 * scheduled(step), rel=1e-12), step
+    for step in (10, 11):
+        assert T.lr_multiplier(step, hp) == pytest.approx(scheduled(step), rel=1e-12), step
