@@ -327,6 +327,58 @@ def test_a_shard_of_the_wrong_kind_is_refused_at_setup_in_one_line(run_env, tmp_
     assert all(math.isfinite(loss) for loss in losses) and losses[0] == pytest.approx(math.log(384), abs=0.05)
 
 
+def test_a_validation_shard_of_the_wrong_kind_is_refused_as_a_training_shard_is(run_env, tmp_path):
+    """Byte-level train shards with a GPT-2 val shard under PRESET=research: refused at setup, naming the val file
+    (a check of the train shards alone would let the run validate on the wrong ids)."""
+    data = byte_shards(tmp_path / "bytes")
+    write_test_shard(data / "val_000000.bin", synthetic_tokens(3000, seed=3))  # GPT-2 ids, led by 50256
+    env = {**run_env, "PRESET": "research", "TRAIN_FILES": str(data / "train_*.bin"),
+           "VAL_FILES": str(data / "val_*.bin"), "VAL_TOKENS": "1024", "VAL_BATCH_TOKENS": "1024"}
+    hp, launch = T.parse_env(env, False)
+    with pytest.raises(T.ShardError, match="val_000000.bin: starts with token 50256 \\(GPT-2 tokens\\), but "
+                                           "BOS_ID=256 \\(PRESET=research\\)"):
+        T.setup(hp, launch, torch.device("cpu"))
+
+
+def test_a_byte_level_chunk_is_cut_into_documents_at_bos_256(tmp_path):
+    """PRESET=research's BOS 256 through the loader and the model: the loader's chunk of byte-level shards is whole
+    documents, each led by 256; their document ids step up at each 256 and nowhere else; and through the model
+    (every zero-initialized weight made random) the second document's losses do not change when every token of the
+    first but its last does (the smear carries that one across, as #48)."""
+    hp = T.parse_env({"PRESET": "research"}, False)[0]
+    assert hp.bos_id == T.BYTE_BOS_ID == 256
+    files = sorted(str(p) for p in byte_shards(tmp_path / "bytes").glob("train_*.bin"))
+    loader = T.PackedLoader(files, hp.vocab_size, hp.max_seq_len, 0, 1, bos_id=hp.bos_id)
+    chunk = loader.next_step(511, 1)[0].long()
+    starts = (chunk == 256).nonzero().flatten().tolist()
+    assert starts[0] == 0 and len(starts) >= 3  # whole documents from their BOS, several in one chunk
+    expected = torch.tensor([sum(1 for s in starts if s <= i) for i in range(chunk.numel())])
+    assert torch.equal(T.document_ids(chunk, hp.bos_id), expected)
+
+    torch.manual_seed(0)
+    model = T.GPT(hp)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+        for block in model.blocks:
+            if block.attn is not None:  # the output projection: qkvo_w's last quarter of rows
+                rows = block.attn.qkvo_w[3 * block.attn.qkvo_w.size(1):]
+                rows.copy_(torch.randn(rows.shape, generator=generator) * 0.05)
+    model.eval()
+    first, second = starts[1], starts[2]  # the second document runs from `first` to `second`
+    tokens = chunk[:second + 1]
+    changed = tokens.clone()
+    changed[:first - 1] = torch.randint(0, 256, (first - 1,), generator=generator)
+    changed[0] = 256
+    with torch.no_grad():
+        before = model(tokens[:-1], tokens[1:], reduction="none")
+        after = model(changed[:-1], changed[1:], reduction="none")
+    assert (before[:first - 2] - after[:first - 2]).abs().max() > 1e-3  # the first document did change
+    torch.testing.assert_close(after[first:], before[first:], rtol=0, atol=1e-5)
+
+
 def test_a_chunk_longer_than_a_train_shard_stops_setup(run_env, shard_dir):
     write_test_shard(shard_dir / "train_000002.bin", synthetic_tokens(100, seed=4))  # one short shard, last
     hp, launch = T.parse_env({**run_env, "BATCH_SCHEDULE": "256"}, False)  # chunks of 128 + 1 tokens
