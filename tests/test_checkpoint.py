@@ -6,6 +6,7 @@ optimizer shards, schedule, loader, Momo, RNG)."""
 
 import collections
 import concurrent.futures
+import dataclasses
 import enum
 import io
 import json
@@ -358,6 +359,70 @@ def test_resume_from_truncated_or_missing_shard_file_stops_before_any_step(small
                  ok=False)
     assert_refused_before_any_work(result, tmp_path / "logs", str(data_file),
                                    "is truncated" if damage == "truncated" else "is missing")
+
+
+def test_a_truncation_inside_the_last_item_of_a_shard_file_is_refused(small_checkpoint, tmp_path):
+    """One byte short of the end of the index's last byte range in its file (not half the file): refused before
+    any work; the file at its full length passes, so the check is at the exact end."""
+    copy = copy_of(small_checkpoint[1], tmp_path)
+    (data_file,) = copy.glob("*.distcp")
+    items = [item for item in T.read_checkpoint_metadata(copy).storage_data.values()
+             if item.relative_path == data_file.name]
+    last = max(items, key=lambda item: item.offset)
+    assert len(items) > 1 and last.length > 1  # a cut inside it leaves every other item whole
+    end = last.offset + last.length
+    data_file.write_bytes(data_file.read_bytes()[:end])
+    T.check_checkpoint_files(copy)
+    data_file.write_bytes(data_file.read_bytes()[:end - 1])
+    with pytest.raises(T.ConfigError, match=f"is truncated \\({end - 1} bytes, the index reads up to {end}\\)"):
+        T.check_checkpoint_files(copy)
+
+
+def test_meta_json_that_is_not_utf8_is_refused_naming_it(small_checkpoint, tmp_path):
+    copy = copy_of(small_checkpoint[1], tmp_path)
+    (copy / T.CHECKPOINT_META).write_bytes(b'{"step": 2, "log": "\xff\xfe"}')
+    with pytest.raises(T.ConfigError, match=r"meta.json cannot be read \(UnicodeDecodeError: .*another step folder"):
+        T.read_checkpoint_meta(copy)
+
+
+def test_a_checkpoint_dir_that_can_be_made_but_not_written_stops_the_run(small_checkpoint, tmp_path, monkeypatch):
+    """Made, but its files cannot be written (a read-only mount; as root, chmod cannot make one): the probe's write
+    fails and the run stops before training, naming CHECKPOINT_DIR. The write is refused here in-process, where
+    the probe makes it, since root writes through any mode bits."""
+    real_write = T.Path.write_bytes
+
+    def read_only(path, data):
+        if path.name.startswith(".probe"):
+            raise OSError(30, "Read-only file system")  # EROFS
+        return real_write(path, data)
+
+    monkeypatch.setattr(T.Path, "write_bytes", read_only)
+    folder = tmp_path / "made" / "ckpt"
+    hp, _ = T.parse_env({**small_checkpoint[0], "LOG_DIR": str(tmp_path / "logs"), "SAVE_CHECKPOINT": "1",
+                         "CHECKPOINT_DIR": str(folder)}, False)
+    with pytest.raises(T.ConfigError, match=f"CHECKPOINT_DIR={folder} \\(OSError: Read-only file system\\); "
+                                            "point CHECKPOINT_DIR at a writable folder"):
+        T.probe_checkpoint_folder(T.checkpoint_folder(hp, None, "the_run"), hp)
+    assert folder.is_dir() and not any(folder.iterdir())  # it was made; nothing was left in it
+
+
+def test_a_resume_from_an_older_checkpoint_saves_into_a_folder_of_its_own(tmp_path):
+    """RESUME at an older checkpoint of a folder branches off: its saves go to LOG_DIR/<its run name>, so the
+    folder's newer checkpoints (another run's future) are neither overwritten nor pruned. At the folder's newest
+    complete checkpoint (a newer step without meta.json is a cut-off save) the run continues in the folder;
+    CHECKPOINT_DIR wins over both."""
+    hp, _ = T.parse_env({"PRESET": "test", "LOG_DIR": str(tmp_path / "logs"), "SAVE_CHECKPOINT": "1"}, False)
+    folder = tmp_path / "logs" / "first_run"
+    for step in (2, 4, 6):
+        (folder / f"step_{step:06d}").mkdir(parents=True)
+        if step < 6:
+            (folder / f"step_{step:06d}" / T.CHECKPOINT_META).write_text("{}")
+    assert T.checkpoint_folder(hp, folder / "step_000002", "branch") == tmp_path / "logs" / "branch"
+    assert T.checkpoint_folder(hp, folder / "step_000004", "continued") == folder
+    assert T.checkpoint_folder(hp, None, "fresh") == tmp_path / "logs" / "fresh"
+    chosen = dataclasses.replace(hp, checkpoint_dir=str(tmp_path / "elsewhere"))
+    for resumed in (folder / "step_000002", folder / "step_000004", None):
+        assert T.checkpoint_folder(chosen, resumed, "any") == tmp_path / "elsewhere"
 
 
 # ---- multi-node launch ----
