@@ -40,7 +40,7 @@ numbers when both are numbers):
      "caveats": ["...", ...],                          # printed with the study's claims
      "cells": {"derf_muon": {"NORM": "derf", "OPTIMIZER": "muon", "MUON_LR": 0.012}, ...},
      "claims": [{"id": "...", "paper": "...", "statement": "what the paper says", "verbatim": true (its own words),
-                 "claim": "what the contrast tests, in a few words",
+                 "claim": "the claim in a few words", "condition": "the arm this contrast tests it in" (optional),
                  "metric": "final_val_loss" | {"diagnostic": "layers.*_spectral (mean)", "step": 200},
                  "contrast": {"difference": ["a", "b"]} | {"interaction": [["a1", "a2"], ["b1", "b2"]]},
                  "direction": "greater" | "less", "paper_effect": 0.66 | null, "family": "...",
@@ -89,7 +89,7 @@ FINAL_VAL_LOSS = "final_val_loss"
 EXIT_OK, EXIT_STALE, EXIT_UNUSABLE = 0, 1, 2
 MAX_LINE = 120  # the READMEs' line limit (tests/test_readme.py)
 # The generated blocks of the two READMEs: the text between these lines is claims.py's, rewritten by --readme.
-SUMMARY_BEGIN, SUMMARY_END = "<!-- claims summary: python records/claims.py --readme -->", "<!-- /claims -->"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- generated: records/claims.py --readme -->", "<!-- /claims -->"
 SECTION_BEGIN, SECTION_END = "<!-- claims: python records/claims.py --readme -->", "<!-- /claims -->"
 README = REPO / "README.md"
 RECORDS_README = RECORDS / "README.md"
@@ -207,7 +207,7 @@ def _check_metric(metric: Any, path: Path, where: str) -> None:
 
 
 CLAIM_FIELDS = {"id": str, "paper": str, "statement": str, "claim": str, "family": str, "direction": str}
-OPTIONAL_FIELDS = ("verbatim", "paper_effect", "share_of", "paper_share", "caveats")
+OPTIONAL_FIELDS = ("condition", "verbatim", "paper_effect", "share_of", "paper_share", "caveats")
 
 
 def load_claims(study: Path) -> dict[str, Any]:
@@ -267,6 +267,9 @@ def load_claims(study: Path) -> dict[str, Any]:
         if effect is not None and (not isinstance(effect, (int, float)) or isinstance(effect, bool) or effect <= 0):
             raise _fail(path, f"{where}.paper_effect", f"{json.dumps(effect)} is not a positive number or null",
                         "give the paper's effect's size in the metric's units (its sign is the direction), or null")
+        if not isinstance(claim.get("condition", ""), str):
+            raise _fail(path, f"{where}.condition", f"{json.dumps(claim['condition'])} is not a string",
+                        'write the arm this contrast tests the claim in, e.g. "against Adam at 0.001"')
         if not isinstance(claim.get("verbatim", False), bool):
             raise _fail(path, f"{where}.verbatim", f"{json.dumps(claim['verbatim'])} is not true or false",
                         "true when the statement is the paper's own words (it is then printed in quotes)")
@@ -494,16 +497,19 @@ def statement_text(claim: dict[str, Any]) -> str:
 
 def markdown(study: Path, spec: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """The study's claims as markdown: a line on the study, then a bullet per claim (what records/README.md holds)."""
-    lines = [wrap(f"`{study.name}/` (registered: {spec['registered']})."
+    lines = [wrap(f"`{study.name}/`, registered {spec['registered']}."
                   + "".join(f" {caveat}" for caveat in spec.get("caveats", []))), ""]
     for r in results:
         claim = r["claim"]
-        head = f"- **{claim['claim']}** ({claim['paper']}: {statement_text(claim)}): **{r['verdict']}**."
+        condition = f", {claim['condition']}" if claim.get("condition") else ""
+        head = f"- **{claim['claim']}**{condition} ({claim['paper']}: {statement_text(claim)}): **{r['verdict']}**."
         if "untestable" in r:
-            body = f"`{r['contrast']}` = {r['estimate']:+.3f} ({r['metric']}), {detail(r)}."
+            body = f"`{r['contrast']}` = {r['estimate']:+.3f} (`{r['metric']}`), {detail(r)}."
         else:
-            body = (f"`{r['contrast']}` = {_interval(r)} ({r['metric']}), one-sided p = {_p(r['p'])}, Holm p = "
-                    f"{_p(r['p_holm'])} (family of {r['family_size']})"
+            against = (f", against the paper's direction Holm p = {_p(r['p_opposite_holm'])}"
+                       if r["verdict"] == "contradicted" else "")
+            body = (f"`{r['contrast']}` = {_interval(r)} (`{r['metric']}`), one-sided p = {_p(r['p'])}, Holm p = "
+                    f"{_p(r['p_holm'])}{against} (family of {r['family_size']})"
                     + (f"; {detail(r)}" if detail(r) else "") + ".")
         extra = ([share_text(r) + "."] if "share" in r else []) + claim.get("caveats", [])
         lines.append(wrap(" ".join([head, body, *extra]), "  "))
@@ -511,19 +517,26 @@ def markdown(study: Path, spec: dict[str, Any], results: list[dict[str, Any]]) -
 
 
 def summary(results_of: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]) -> str:
-    """README.md's paragraph: the claims grouped by verdict, with what an inconclusive test could have seen."""
-    parts = []
-    for verdict_name in VERDICTS:
-        items = []
-        for _, _, results in results_of:
-            for r in results:
-                if r["verdict"] == verdict_name:
-                    extra = ("" if verdict_name != "inconclusive" else "untestable" if "untestable" in r
-                             else f"{r['detectable']:.2f} detectable")
-                    items.append(r["claim"]["claim"] + (f" ({extra})" if extra else ""))
-        if items:
-            parts.append(f"**{verdict_name.capitalize()}**: " + "; ".join(items) + ".")
-    return " ".join(parts)
+    """README.md's sentences: each claim with its verdicts, and the arms (conditions) each verdict holds in when its
+    contrasts disagree; an inconclusive verdict of claims that could not be tested says so. Claims with the same
+    verdicts share one sentence (README.md has a word limit)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for _, _, results in results_of:
+        for r in results:
+            groups.setdefault(r["claim"]["claim"], []).append(r)
+    verdicts_of: dict[str, list[str]] = {}  # verdict text -> the claims it holds for, merged into one sentence
+    for name, members in groups.items():
+        parts = []
+        for verdict_name in VERDICTS:
+            found = [r for r in members if r["verdict"] == verdict_name]
+            if not found:
+                continue
+            conditions = [r["claim"].get("condition") for r in found]
+            notes = (["; ".join(conditions)] if len(found) < len(members) and all(conditions) else []) + (
+                ["untestable"] if all("untestable" in r for r in found) else [])
+            parts.append(verdict_name + (f" ({', '.join(notes)})" if notes else ""))
+        verdicts_of.setdefault(", ".join(parts), []).append(name)
+    return " ".join(f"{'; '.join(names)}: {text}." for text, names in verdicts_of.items())
 
 
 # ---- README blocks ----
@@ -546,8 +559,7 @@ def readme_texts(studies: Sequence[Path] | None = None) -> dict[Path, str]:
     """README.md and records/README.md as --readme would write them."""
     results_of = [(study, *study_results(study)) for study in (studies or studies_with_claims())]
     post_hoc = all(spec["registered"].startswith("post hoc") for _, spec, _ in results_of)
-    intro = (f"Verdicts computed by `records/claims.py` (one-sided Welch t in the paper's direction, Holm within each "
-             f"paper's claims, alpha {ALPHA}){', post hoc' if post_hoc else ''}: ")
+    intro = f"{'Post hoc v' if post_hoc else 'V'}erdicts (`records/claims.py`): "
     section = "\n\n".join(markdown(study, spec, results) for study, spec, results in results_of)
     return {README: with_block(README.read_text(), SUMMARY_BEGIN, SUMMARY_END, wrap(intro + summary(results_of)),
                                README),
