@@ -485,3 +485,57 @@ def test_whole_steps_are_where_adam_holds_no_gradient(shards, tmp_path):
         torch.set_num_threads(threads)
     assert [s + 1 for s, clean in enumerate(holds_no_gradient) if clean] == whole
     assert [s for s in range(1, num_iterations + 1) if may_save_on_stop(state.hp, 0, s)] == whole
+
+
+# ---- round trips at awkward points: Momo after its first step, the loader in a later shard ----
+
+def momo_state(momo: T.Momo) -> dict[str, object]:
+    return clone({"steps": momo.steps, "loss_avg": momo.loss_avg, "gamma": momo.gamma, "last_scale": momo.last_scale,
+                  **{f"direction/{key}": value for key, value in momo.directions.items()}})
+
+
+def test_momo_saved_right_after_its_first_step_resumes_as_if_never_stopped(shards, tmp_path):
+    """After one step Momo's averages are device tensors (before it, Python zeros): saved at step 1 and loaded
+    into a fresh state, they come back, and the next step takes the same truncation as the uninterrupted state."""
+    env = state_env(shards, tmp_path, **COMMON, OPTIMIZER="muonmax", MOMO=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trained = build_state(env)
+        T.train_step(trained, 0)
+        saved = momo_state(trained.momo)
+        assert saved["steps"] == 1 and torch.is_tensor(saved["loss_avg"]) and saved["loss_avg"] != 0
+        path = save(trained, 1, TRAIN_MS, 0, tmp_path / "checkpoints")
+        restored = build_state(env)
+        load(restored, path)
+        assert differences({k: v for k, v in saved.items() if k != "last_scale"},
+                           {k: v for k, v in momo_state(restored.momo).items() if k != "last_scale"}) == []
+        T.train_step(trained, 1)
+        T.train_step(restored, 1)
+        assert differences(momo_state(trained.momo), momo_state(restored.momo)) == []
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_loader_restored_into_a_later_shard_crosses_into_the_next_one_with_the_right_tokens(shards):
+    """A loader restored at a document of shard 1 (not the first shard, whose successor a fresh loader has already
+    prefetched) walks on into shard 2 chunk for chunk as the loader it was saved from, and the first chunk there
+    starts with shard 2's first document."""
+    files = sorted(str(path) for path in shards.glob("train_*.bin"))
+    vocab, bos = SMALL_VOCAB["VOCAB_SIZE"], SMALL_VOCAB["BOS_ID"]
+    walked = T.PackedLoader(files, vocab, 48, 0, 1, bos_id=bos)
+    chunk_tokens = 63
+    while walked.shard == 0:
+        walked.next_step(chunk_tokens, 1)
+    walked.next_step(chunk_tokens, 1)  # a document inside shard 1, not its first
+    assert walked.shard == 1 and walked.document > 0
+    restored = T.PackedLoader(files, vocab, 48, 0, 1, bos_id=bos)
+    restored.load_state(clone(walked.state()))
+    crossed = False
+    while not crossed:
+        expected, found = walked.next_step(chunk_tokens, 1), restored.next_step(chunk_tokens, 1)
+        assert same(expected, found) and restored.shard == walked.shard
+        crossed = walked.shard == 2
+    third = T.read_shard(files[2], vocab)
+    first_document = int((third == bos).nonzero()[0][0])
+    assert torch.equal(found[0][:10], torch.from_numpy(third[first_document:first_document + 10].astype("int32")))
