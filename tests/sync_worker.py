@@ -1,7 +1,11 @@
 """Run under torchrun by tests/test_sync.py: the real train() loop of the `test` preset, counting the collectives
-and host reads it makes outside train_step and evaluate; rank 1 is 'signalled' (SIGTERM) during step STOP_AT.
-Writes {all_reduce, host_reads, step_host_reads, logging_steps, exit_code, log} to argv[1].rank<r>.json."""
+and host reads it makes outside train_step and evaluate, and the gradient reduce-scatters inside each train_step;
+rank 1 is 'signalled' (SIGTERM) during step STOP_AT. Before the loop, one step of the same run with one micro-batch
+a step (BATCH_CHUNKS = world size) counts the reduce-scatters that a step needs. Writes {all_reduce, host_reads,
+step_host_reads, logging_steps, exit_code, log, scatters_per_step, scatters_one_micro_batch, accum_steps, buckets}
+to argv[1].rank<r>.json."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -33,6 +37,23 @@ def main() -> None:
             return real(*args, **kwargs)
         return wrapper
 
+    scatters = []  # per train_step: the gradient reduce-scatters it launched, whatever the micro-batch
+    real_scatter = T.reduce_scatter_single
+
+    def scatter(*args, **kwargs):
+        if inside and inside[-1] == "step":
+            scatters[-1] += 1
+        return real_scatter(*args, **kwargs)
+
+    T.reduce_scatter_single = scatter
+    one_micro_batch = T.setup(dataclasses.replace(hp, batch_chunks=launch.world_size), launch, device)
+    assert one_micro_batch.geometry.accum_steps == 1
+    inside.append("step")
+    scatters.append(0)
+    T.train_step(one_micro_batch, 0)
+    inside.pop()
+    scatters_one_micro_batch = scatters.pop()
+    del one_micro_batch
     T.dist.all_reduce = counting("all_reduce", T.dist.all_reduce)
     torch.Tensor.item = counting("host_reads", torch.Tensor.item)
     torch.Tensor.tolist = counting("host_reads", torch.Tensor.tolist)
@@ -41,6 +62,7 @@ def main() -> None:
 
     def step(state, i):
         inside.append("step")
+        scatters.append(0)
         try:
             return real_step(state, i)
         finally:
@@ -63,7 +85,9 @@ def main() -> None:
                      if launch.rank == 0 else None)
     with open(f"{out}.rank{launch.rank}.json", "w") as f:
         json.dump({**counts, "exit_code": code, "logging_steps": logging_steps,
-                   "log": str(log.path) if launch.rank == 0 else None}, f)
+                   "log": str(log.path) if launch.rank == 0 else None, "scatters_per_step": scatters,
+                   "scatters_one_micro_batch": scatters_one_micro_batch, "accum_steps": state.geometry.accum_steps,
+                   "buckets": len(state.optimizers[0].buckets)}, f)
     T.close_distributed()
 
 

@@ -15,7 +15,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 @pytest.mark.slow
 def test_one_all_reduce_and_one_host_read_per_logging_step_at_world2(run_env, tmp_path):
     env = {**run_env, "OPTIMIZER": "normuon", "NUM_ITERATIONS": "12", "TRAIN_LOG_EVERY": "2", "VAL_EVERY": "0",
-           "WARMUP": "0"}
+           "WARMUP": "0", "BATCH_CHUNKS": "4"}  # 2 micro-batches a step at world 2
     out = tmp_path / "counts"
     result = subprocess.run(TORCHRUN + ["tests/sync_worker.py", str(out), "4"], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=300)
@@ -32,3 +32,9 @@ def test_one_all_reduce_and_one_host_read_per_logging_step_at_world2(run_env, tm
         assert counts["all_reduce"] == logging_steps, counts  # the stop agreement adds none
         assert counts["host_reads"] == logging_steps, counts
         assert counts["step_host_reads"] == 0, counts
+    # gradient accumulation: one reduce-scatter per bucket a step (NorMuon's buckets, each DistAdam parameter),
+    # launched by the last micro-batch's backward, as many as a step of one micro-batch needs; not one per micro-batch
+    for counts in ranks:
+        assert counts["accum_steps"] == 2 and len(counts["scatters_per_step"]) == 6, counts  # steps 0-5
+        assert counts["scatters_one_micro_batch"] > counts["buckets"] > 0, counts
+        assert set(counts["scatters_per_step"]) == {counts["scatters_one_micro_batch"]}, counts

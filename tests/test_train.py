@@ -4,10 +4,13 @@ import inspect
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -318,3 +321,113 @@ def test_compiled_test_preset_on_cuda_has_no_recompile_after_warmup(run_env):
         assert math.isfinite(T.evaluate(state))
     assert all(torch.isfinite(loss) for loss in losses)
     assert T.compiled_graphs() == graphs
+
+
+# ---- the loop: train time across pauses, the last step's loss, a stop at a saved step ----
+
+@pytest.fixture
+def small_vocab_env(tmp_path: Path) -> dict[str, str]:
+    """A test-preset run's env on shards of ids below 500 with BOS 500 and a 512-row vocabulary: a validation or a
+    checkpoint of the 50,304-row default costs seconds on a loaded 2-core machine."""
+    data = tmp_path / "small_vocab"
+    data.mkdir()
+    for name, count, seed in (("train_000000.bin", 20000, 1), ("train_000001.bin", 20000, 2),
+                              ("val_000000.bin", 8000, 3)):
+        tokens = conftest.synthetic_tokens(count, seed=seed, vocab=500)
+        tokens[tokens == conftest.BOS] = 500
+        conftest.write_test_shard(data / name, tokens)
+    return {**preset_env(data, tmp_path / "logs"), "VOCAB_SIZE": "512", "BOS_ID": "500"}
+
+
+def loop_state(env: dict, tmp_path: Path, **flags: str) -> tuple[T.TrainState, T.RunLog]:
+    """A test-preset state that saves checkpoints into tmp_path/checkpoints, and its log."""
+    hp, launch = T.parse_env({**env, "SAVE_CHECKPOINT": "1", **flags}, False)
+    device = torch.device("cpu")
+    state = T.setup(T.resolve_auto(hp, device), launch, device)
+    state.checkpointer = T.Checkpointer(state.hp, tmp_path / "checkpoints", 0)
+    return state, T.RunLog(state.hp, launch, device)
+
+
+def saves_counted(monkeypatch) -> list[int]:
+    """The steps Checkpointer.save is called at, in order."""
+    saved, real_save = [], T.Checkpointer.save
+
+    def save(self, state, step, *args):
+        saved.append(step)
+        return real_save(self, state, step, *args)
+
+    monkeypatch.setattr(T.Checkpointer, "save", save)
+    return saved
+
+
+def test_train_time_counts_only_the_steps_and_the_last_steps_loss_is_logged(small_vocab_env, tmp_path, monkeypatch):
+    """A clock that moves only where the loop spends time: 1 s a training step, 100 s a validation, 1000 s a
+    checkpoint. Validations (steps 0, 2, 4, 5) and checkpoints (2, 4, 5) are paused time: every train_time logged
+    is 1000 ms per step done, the final line's too. TRAIN_LOG_EVERY=2 does not divide the 5 steps: the loss is read
+    and logged at steps 2, 4 and at the last one, 5."""
+    state, log = loop_state(small_vocab_env, tmp_path, NUM_ITERATIONS="5", VAL_EVERY="2", TRAIN_LOG_EVERY="2",
+                            CHECKPOINT_EVERY="2")
+    now = [0.0]
+    clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+    clock.perf_counter = lambda: now[0]
+    monkeypatch.setattr(T, "time", clock)
+    saved = saves_counted(monkeypatch)  # wrapped again below, to move the clock
+    for name, seconds in (("train_step", 1.0), ("evaluate", 100.0)):
+        def paced(*args, real=getattr(T, name), seconds=seconds):
+            now[0] += seconds
+            return real(*args)
+        monkeypatch.setattr(T, name, paced)
+    real_save = T.Checkpointer.save
+    monkeypatch.setattr(T.Checkpointer, "save", lambda *args: (now.__setitem__(0, now[0] + 1000.0), real_save(*args)))
+    assert T.train(state, log) == 0
+    log.close()
+    assert saved == [2, 4, 5]
+    lines = log.path.read_text().splitlines()
+    steps = [line for line in lines if line.startswith("step:")]
+    times = {(int(line.split("/")[0].removeprefix("step:")), "val_loss" in line): value(line, "train_time")
+             for line in steps}
+    assert times == {**{(step, False): 1000.0 * step for step in range(1, 6)},
+                     **{(step, True): 1000.0 * step for step in (0, 2, 4, 5)}}
+    assert json.loads(lines[-1].removeprefix("final: "))["train_time_ms"] == 5000.0
+    logged = [int(line.split("/")[0].removeprefix("step:")) for line in steps if " train_loss:" in line]
+    assert logged == [2, 4, 5]
+    assert all(math.isfinite(value(line, "train_loss")) for line in steps if " train_loss:" in line)
+
+
+def test_a_stop_at_a_saved_step_saves_once_and_loses_nothing(small_vocab_env, tmp_path, monkeypatch):
+    """SIGTERM during step 3 with CHECKPOINT_EVERY=2: the stop before step 4 saves step 4 once (the periodic save
+    of that step does not come again) and ends there, exit 143. A run resumed from that checkpoint and stopped at
+    once stops at step 4 without a second save over it (it holds nothing newer), the checkpoint left as it was."""
+    state, log = loop_state(small_vocab_env, tmp_path, NUM_ITERATIONS="8", VAL_EVERY="0", CHECKPOINT_EVERY="2")
+    saved = saves_counted(monkeypatch)
+    stop = T.StopSignal()
+    real_step = T.train_step
+
+    def step(state, index):
+        loss = real_step(state, index)
+        if index == 3:
+            stop.signum = signal.SIGTERM  # as the handler sets it
+        return loss
+
+    monkeypatch.setattr(T, "train_step", step)
+    assert T.train(state, log, stop) == 128 + signal.SIGTERM
+    log.close()
+    assert saved == [2, 4]
+    lines = log.path.read_text().splitlines()
+    assert json.loads(lines[-1].removeprefix("stopped: "))["step"] == 4
+    assert not any(line.startswith("checkpoint: none") for line in lines)
+    checkpoint = tmp_path / "checkpoints" / "step_000004"
+    written = {path.name: path.stat().st_mtime_ns for path in checkpoint.iterdir()}
+
+    resumed, log = loop_state(small_vocab_env, tmp_path, NUM_ITERATIONS="8", VAL_EVERY="0", CHECKPOINT_EVERY="2")
+    resumed.start_step, resumed.start_train_ms, resumed.start_tokens = T.load_checkpoint(resumed, checkpoint)
+    resumed.checkpointer = T.Checkpointer(resumed.hp, tmp_path / "checkpoints", resumed.start_step)
+    stop = T.StopSignal()
+    stop.signum = signal.SIGTERM  # before the first step of the resumed run
+    assert T.train(resumed, log, stop) == 128 + signal.SIGTERM
+    log.close()
+    assert saved == [2, 4]  # no save at all, and no line saying that none could be saved
+    lines = log.path.read_text().splitlines()
+    assert json.loads(lines[-1].removeprefix("stopped: "))["step"] == 4
+    assert not any(line.startswith("checkpoint: ") for line in lines)
+    assert {path.name: path.stat().st_mtime_ns for path in checkpoint.iterdir()} == written
