@@ -68,7 +68,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import optimize, stats
+
+try:
+    from scipy import optimize, stats
+except ImportError:  # reported by main() with the fix, so that importing this module never fails
+    optimize = stats = None
 
 RECORDS = Path(__file__).resolve().parent
 REPO = RECORDS.parent
@@ -555,9 +559,9 @@ def with_block(text: str, begin: str, end: str, block: str, where: Path) -> str:
     return text[:start] + begin + "\n" + block + "\n" + text[stop:]
 
 
-def readme_texts(studies: Sequence[Path] | None = None) -> dict[Path, str]:
-    """README.md and records/README.md as --readme would write them."""
-    results_of = [(study, *study_results(study)) for study in (studies or studies_with_claims())]
+def readme_texts() -> dict[Path, str]:
+    """README.md and records/README.md as --readme would write them, from every records/*/claims.json."""
+    results_of = [(study, *study_results(study)) for study in studies_with_claims()]
     post_hoc = all(spec["registered"].startswith("post hoc") for _, spec, _ in results_of)
     intro = f"{'Post hoc v' if post_hoc else 'V'}erdicts (`records/claims.py`): "
     section = "\n\n".join(markdown(study, spec, results) for study, spec, results in results_of)
@@ -579,9 +583,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="rewrite the generated claims blocks of README.md and records/README.md")
     parser.add_argument("--check", action="store_true", help="with --readme: exit 1 when the blocks are stale")
     args = parser.parse_args(argv)
+    if args.readme and args.studies:
+        parser.error("--readme reads every records/*/claims.json; give it no study folders")
+    if args.check and not args.readme:
+        parser.error("--check goes with --readme")
     try:
+        if stats is None:
+            raise ClaimsError("claims.py needs scipy: `pip install -r tests/requirements.txt`")
         if args.readme:
-            texts = readme_texts(args.studies)
+            texts = readme_texts()
             stale = [path for path, text in texts.items() if path.read_text() != text]
             if args.check:
                 for path in stale:

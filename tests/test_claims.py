@@ -239,18 +239,24 @@ def test_cli_prints_the_table_and_exits_2_on_a_bad_study(tmp_path, capsys):
     assert "**supported**" in capsys.readouterr().out
     assert claims.main([str(tmp_path / "missing")]) == 2
     assert "claims.json: cannot read it" in capsys.readouterr().err
+    for wrong in (["--check"], ["--readme", str(study)]):  # --check alone, or --readme over a subset of studies
+        with pytest.raises(SystemExit):
+            claims.main(wrong)
 
 
 # ---- the READMEs ----
 
 def test_generated_markdown_fits_the_readmes_lines(tmp_path):
     study = plant_study(tmp_path, {"x": planted(1.0), "y": planted(1.1), "z": [1.0]},
-                        [claim("y_above_x", {"difference": ["y", "x"]}, caveats=["a caveat " * 20]),
+                        [claim("y_above_x", {"difference": ["y", "x"]}, caveats=["a caveat " * 20], verbatim=True,
+                               condition="in the planted arm"),
                          claim("z_above_x", {"difference": ["z", "x"]})])
     spec, results = claims.study_results(study)
     text = claims.markdown(study, spec, results)
     assert all(len(line) <= claims.MAX_LINE for line in text.splitlines())
     assert "**inconclusive**" in text and "no variance, no test" in text and "registered post hoc." in text
+    assert '**y_above_x**, in the planted arm (A. Author, arXiv 0000.00000: "X beats Y")' in " ".join(text.split())
+    assert "(A. Author, arXiv 0000.00000: X beats Y)" in " ".join(text.split())  # not verbatim: no quotes
 
 
 def test_readme_blocks_are_generated_from_the_claims():
