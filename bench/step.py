@@ -62,7 +62,10 @@ def write_synthetic_shards(hp: T.Hyperparameters, folder: Path, seed: int = 0) -
     and validation, and returns hp reading them."""
     rng = np.random.default_rng(seed)
     paths = {}
-    for split, count in (("train", 2 * max(hp.batch_schedule) + 4 * hp.max_seq_len), ("val", hp.val_tokens + 1)):
+    # train: two of the largest steps, and at least 64 of the longest documents, so that a small preset's shard
+    # holds more than a handful of documents
+    train_count = max(2 * max(hp.batch_schedule) + 4 * hp.max_seq_len, 64 * SYNTHETIC_DOC_TOKENS[1])
+    for split, count in (("train", train_count), ("val", hp.val_tokens + 1)):
         tokens = rng.integers(0, hp.bos_id, size=count, dtype=np.uint16)
         lengths = rng.integers(*SYNTHETIC_DOC_TOKENS, size=count // SYNTHETIC_DOC_TOKENS[0] + 1)
         starts = np.concatenate([[0], np.cumsum(lengths)])

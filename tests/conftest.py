@@ -85,14 +85,21 @@ def run_env(shard_dir: Path, tmp_path: Path) -> dict[str, str]:
     return preset_env(shard_dir, tmp_path / "logs")
 
 
+# Tests that first wait for conftest's background compiled run to end, to take its compiled graphs from Inductor's
+# on-disk cache (the same model shapes): bench/smoke.py --quick took 14 s after the compiled run and 93 s on a cold
+# cache (measured on the 2-core machine). They run last, so that the suite goes on while the run compiles.
+AFTER_BACKGROUND_RUNS = ("test_smoke_quick_passes_every_check_of_the_cpu_twin",
+                         "test_smoke_budget_starts_only_what_fits",
+                         "test_smoke_killed_between_checks_leaves_the_finished_ones")
+
+
 # The compiled runs that the tests read, {fixture name: (the tests that read it, its flags, the script it runs)}:
 # compiled_run: two batch phases, an extension with its own window, validations at both phases and in the extension,
 # and a final window of its own; compiled_cpu_run: the cpu preset's shapes (dim 128, 1024-token chunks), where
 # Inductor's code once gave non-finite gradients, a few steps on the synthetic shards, after the compiled-against-eager
 # gradient check of tests/compiled_cpu_worker.py (in the same process: the run reuses the check's compiled graph).
 COMPILED_RUNS = {
-    "compiled_run": (("test_compiled_run_has_no_recompile_after_warmup",
-                      "test_smoke_quick_passes_every_check_of_the_cpu_twin"), dict(
+    "compiled_run": (("test_compiled_run_has_no_recompile_after_warmup", *AFTER_BACKGROUND_RUNS), dict(
         COMPILE="1", WARMUP="1", NUM_ITERATIONS="5", EXTENSION_ITERATIONS="1", BATCH_SCHEDULE="128,256",
         LONG_WINDOWS="2,4", EXTENSION_WINDOW="6", FINAL_WINDOW="8", VAL_EVERY="2", ADAM_STEP_EVERY="2",
         RUN_TAG="compiled"), "train_gpt.py"),
@@ -101,12 +108,6 @@ COMPILED_RUNS = {
         PRESET="cpu", COMPILE="1", NUM_ITERATIONS="8", VAL_EVERY="0", VAL_TOKENS="4096", VAL_BATCH_TOKENS="2048",
         TRAIN_LOG_EVERY="1", RUN_TAG="compiled_cpu"), "tests/compiled_cpu_worker.py"),
 }
-
-
-# Tests that first wait for a background run to end, to take its compiled graphs from Inductor's on-disk cache (the
-# same model shapes): bench/smoke.py --quick took 14 s after the compiled run and 93 s on a cold cache (measured on
-# the 2-core machine). They run last, so that the suite goes on while the run compiles.
-AFTER_BACKGROUND_RUNS = ("test_smoke_quick_passes_every_check_of_the_cpu_twin",)
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -390,7 +390,7 @@ def test_build_corpus_max_tokens_and_multiple_shards(encoding, tmp_path):
 
 
 def test_build_corpus_cli(encoding, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(build_corpus, "_load_encoding", lambda log: encoding)
+    monkeypatch.setattr(build_corpus, "_load_encoding", lambda log, offline=False: encoding)
     source, out = tmp_path / "src", tmp_path / "out"
     make_source(source)
     args = ["--source", str(source), "--out", str(out), "--max-tokens", "120", "--val-every", "3"]
@@ -420,6 +420,23 @@ def test_build_corpus_fetches_tokenizer_when_missing(encoding, tmp_path, monkeyp
     build_corpus.build_corpus(source, tmp_path / "out", log=messages.append)
     assert fetches == [1] and attempts == [True, False]
     assert any("fetching its ranks file via pip" in m for m in messages)
+
+
+def test_build_corpus_offline_never_fetches_and_stops_at_once(tmp_path, monkeypatch, capsys):
+    """--offline (./run.sh smoke on a GPU machine): a tokenizer already on disk or an error at once, exit 1; never
+    a download, never pip."""
+    attempts = []
+
+    def gpt2_encoding(allow_download=True):
+        attempts.append(allow_download)
+        raise RuntimeError("GPT-2 tokenizer unavailable: no file. HINT: fetch it")
+    monkeypatch.setattr(build_corpus, "gpt2_encoding", gpt2_encoding)
+    monkeypatch.setattr(build_corpus, "fetch_gpt2_ranks", lambda: pytest.fail("--offline fetched the ranks file"))
+    source = tmp_path / "src"
+    make_source(source)
+    assert build_corpus.main(["--source", str(source), "--out", str(tmp_path / "out"), "--offline"]) == 1
+    assert attempts == [False] and "GPT-2 tokenizer unavailable" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_stdlib_file_list_leaves_out_tests():

@@ -290,6 +290,40 @@ def test_smoke_without_a_gpu_is_one_line_and_exit_0(tmp_path):
     assert not (repo / "data").exists() and not (repo / "logs").exists()
 
 
+def test_smoke_on_a_gpu_machine_never_runs_pip(tmp_path):
+    """`./run.sh smoke` where torch sees a GPU (a lent machine: minutes, maybe no network) installs and fetches
+    nothing: a `pip` module first on PYTHONPATH records any call, and with no tokenizer on disk the corpus step
+    gives up at once (no pip download of the ranks file) and says the smoke trains on random documents. The GPU is
+    faked for run.sh alone (its one-line GPU count); smoke.py itself then sees none and says so."""
+    repo = tmp_path / "repo"
+    for name in ("run.sh", "train_gpt.py", "requirements.txt", "bench/smoke.py", "bench/step.py",
+                 "data/build_corpus.py", "data/tokenizer.py", "data/shards.py"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, repo / name)
+    calls = tmp_path / "pip_calls"
+    fake_pip = tmp_path / "fake_pip" / "pip"
+    fake_pip.mkdir(parents=True)
+    (fake_pip / "__init__.py").write_text("")
+    (fake_pip / "__main__.py").write_text(f"import sys\nopen({str(calls)!r}, 'a').write(' '.join(sys.argv) + '\\n')\n"
+                                          "sys.exit(1)\n")
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/bash
+case "$*" in *device_count*) echo 1; exit 0;; esac  # run.sh's GPU count: one GPU
+exec "{sys.executable}" "$@"
+""")
+    python.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(python), "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(tmp_path / "fake_pip"), "TIKTOKEN_CACHE_DIR": str(tmp_path / "no_tiktoken_cache")}
+    result = subprocess.run(["bash", "run.sh", "smoke"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not calls.exists(), calls.read_text()
+    assert "no embedded corpus offline (error: GPT-2 tokenizer unavailable" in result.stdout, result.stdout
+    assert "the smoke trains on random documents" in result.stdout
+    assert result.stdout.splitlines()[-1].startswith("smoke: no CUDA GPU here")
+    assert not (repo / "data" / "cache").exists() and not (repo / "data" / "embedded").exists()
+
+
 # ---- data: what the headers tell, at setup; a bad shard met during training ----
 
 
