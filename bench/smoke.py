@@ -89,7 +89,7 @@ TIMED_CYCLES = {"cuda": 3, "cpu": 2}  # cycles of each step function per phase, 
 # guesses, never reported as measurements; a later call uses what the newest earlier JSON of this device measured.
 COST_GUESS_S = {"cuda": {"step": 240.0, "gradients": 60.0, "phase": 90.0, "run-average": 0.0, "validation": 60.0,
                          "cuda-test": 30.0},
-                "cpu": {"step": 20.0, "gradients": 10.0, "phase": 10.0, "run-average": 0.0, "validation": 5.0,
+                "cpu": {"step": 10.0, "gradients": 2.0, "phase": 15.0, "run-average": 0.0, "validation": 10.0,
                         "cuda-test": 1.0}}
 # Record #48 on 8 H100s, per GPU (one chunk each, no accumulation), ms a step by the global batch of its three phases:
 # the slope of train_time in its log 82edf6be-f343-475d-b93a-47c32acf4de2.txt over steps 20-700, 720-1405 and
