@@ -102,7 +102,10 @@ class Hyperparameters:
     val_files: str = _hp("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards")
     log_dir: str = _hp("logs", "folder for the run's log file")
     run_tag: str = _hp("", "tag in the log file name (default: the preset)")
-    seed: int = _hp(0, "seed of the model init (the data order is fixed, as in the speedrun)")
+    seed: int = _hp(0, "seed of the model init (the data order is DATA_SEED's)")
+    data_seed: int = _hp(-1, "seed of a shuffle of the training documents' order within each shard, the same at "
+                         "every world size (-1: the shards' own order, as #48); the validation set never moves",
+                         check=(lambda v: v >= -1, "-1 (the shards' order) or a seed >= 0"))
     # model
     vocab_size: int = _hp(50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128 (research: 384, bytes "
                           "and their BOS padded)", check=_positive)
@@ -167,6 +170,9 @@ class Hyperparameters:
     scalar_lr_mul: float = _hp(5.0, "lr_mul of the scalars", check=_positive)
     head_lr_mul: float = _hp(1.0, "lr_mul of lm_head", check=_positive)
     adam_step_every: int = _hp(2, "Adam groups step every this many steps, on the summed gradients", check=_positive)
+    adamw_matrix_wd: float = _hp(0.0, "OPTIMIZER=adamw: decoupled weight decay of the hidden matrices and gates, "
+                                 "scaled by lr as ADAM_WD (0: Adam, as the studies before 2026-12-07 ran)",
+                                 check=_non_negative)
     adamw_matrix_lr: float = _hp(0.002, "OPTIMIZER=adamw: DistAdam lr of the hidden matrices and gates "
                                  "(swept on the cpu preset: 0.001-0.002 best, 0.008 worse; see README)",
                                  check=_positive)
@@ -1937,15 +1943,18 @@ class PackedLoader:
     document. Chunk c of a step runs on rank c % world in micro-step c // world, so every world size walks the same
     chunks (each rank only copies its own). A chunk that would run past the last document of a shard is built
     from the start of the next shard instead (#48 drops the whole micro-step's chunks there, which depends on the
-    world size); after the last file the stream starts over. The order is fixed: shards sorted, no shuffling.
+    world size); after the last file the stream starts over. Shards are read in sorted order; within a shard the
+    documents come in the file's order, or with data_seed >= 0 in a permutation seeded by (data_seed, shard index):
+    the same on every rank, so the stream stays one for every world size.
 
     Shards are read, checked and BOS-indexed in a background thread, the next one while the current one trains,
     so no disk read or BOS scan happens inside a step; chunks go to the GPU from pinned memory.
     """
 
     def __init__(self, files: list[str], vocab_size: int, max_seq_len: int, rank: int, world_size: int,
-                 pin_memory: bool = False, bos_id: int = BOS_ID):
+                 pin_memory: bool = False, bos_id: int = BOS_ID, data_seed: int = -1):
         self.files, self.vocab_size, self.max_seq_len, self.bos_id = files, vocab_size, max_seq_len, bos_id
+        self.data_seed = data_seed
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
         self.reset()
@@ -1953,9 +1962,19 @@ class PackedLoader:
     def reset(self) -> None:
         """Back to the first document of the first shard (read now, so that its errors surface in setup)."""
         self.shard = 0
-        self.tokens, self.bos = read_shard_with_documents(self.files[0], self.vocab_size, self.bos_id)
-        self.document = 0  # index into self.bos of the next chunk's first document
+        self.tokens, self.bos, self.ends = self._read(0)
+        self.document = 0  # index into self.bos (and self.ends) of the next chunk's first document
         self._prefetch()
+
+    def _read(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shard `shard`'s tokens and its documents' starts (its BOS positions) and ends, in the order the loader
+        walks them. Runs in the reader thread for the next shard."""
+        tokens, bos = read_shard_with_documents(self.files[shard], self.vocab_size, self.bos_id)
+        ends = np.append(bos[1:], tokens.size)  # a document ends where the file's next one starts
+        if self.data_seed >= 0:
+            order = np.random.default_rng((self.data_seed, shard)).permutation(bos.size)
+            bos, ends = bos[order], ends[order]
+        return tokens, bos, ends
 
     def state(self) -> dict[str, Tensor]:
         """The position of the next chunk: its shard, and its first document's index into that shard's BOS list."""
@@ -1969,17 +1988,16 @@ class PackedLoader:
         if shard != self.shard:
             self._next.cancel()
             self.shard = shard
-            self.tokens, self.bos = read_shard_with_documents(self.files[shard], self.vocab_size, self.bos_id)
+            self.tokens, self.bos, self.ends = self._read(shard)
             self._prefetch()
         self.document = document
 
     def _prefetch(self) -> None:
-        following = self.files[(self.shard + 1) % len(self.files)]
-        self._next = self._reader.submit(read_shard_with_documents, following, self.vocab_size, self.bos_id)
+        self._next = self._reader.submit(self._read, (self.shard + 1) % len(self.files))
 
     def _advance_shard(self) -> None:
         self.shard = (self.shard + 1) % len(self.files)
-        self.tokens, self.bos = self._next.result()  # a ShardError raised in the thread surfaces here
+        self.tokens, self.bos, self.ends = self._next.result()  # a ShardError raised in the thread surfaces here
         self.document = 0
         self._prefetch()
 
@@ -1989,8 +2007,7 @@ class PackedLoader:
             ranges, have, document = [], 0, self.document
             while have < chunk_tokens + 1 and document < self.bos.size:
                 start = int(self.bos[document])
-                next_start = int(self.bos[document + 1]) if document + 1 < self.bos.size else self.tokens.size
-                end = min(next_start, start + self.max_seq_len, start + chunk_tokens + 1 - have)
+                end = min(int(self.ends[document]), start + self.max_seq_len, start + chunk_tokens + 1 - have)
                 ranges.append((start, end))
                 have += end - start
                 document += 1
@@ -2054,7 +2071,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> list[LoopOptimizer]:
         matrices = DistAdam([dict(params=groups["qkvo"] + groups["c_fc"] + groups["gates"]),
                              dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul)],
                             lr=hp.adamw_matrix_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps,
-                            weight_decay=hp.adam_wd, compile=compiled)
+                            weight_decay=hp.adamw_matrix_wd, compile=compiled)
     elif hp.optimizer == "muonmax":
         matrices = MuonMax(matrix_groups, lr=hp.muonmax_lr, momentum=hp.muon_momentum_start, ortho=hp.ortho,
                            compile=compiled)
@@ -3311,7 +3328,7 @@ def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainSta
     val_sequences = load_val_sequences(val_files, hp.val_tokens, geometry.chunk_tokens(hp.val_batch_tokens),
                                        hp.vocab_size, launch.rank, launch.world_size).to(device)
     loader = PackedLoader(train_files, hp.vocab_size, hp.max_seq_len, launch.rank, launch.world_size,
-                          pin_memory=device.type == "cuda", bos_id=hp.bos_id)
+                          pin_memory=device.type == "cuda", bos_id=hp.bos_id, data_seed=hp.data_seed)
     if hp.compile:
         raise_recompile_limit()
     prepare_attention(device)

@@ -282,7 +282,7 @@ class Smoke:
         if phase not in self.chunks:
             hp, geometry = self.hp, self.state.geometry
             loader = T.PackedLoader(T.find_shards(hp.train_files, "TRAIN_FILES"), hp.vocab_size, hp.max_seq_len,
-                                    self.launch.rank, self.launch.world_size, bos_id=hp.bos_id)
+                                    self.launch.rank, self.launch.world_size, bos_id=hp.bos_id, data_seed=hp.data_seed)
             self.chunks[phase] = loader.next_step(geometry.chunk_tokens(phase[0]), geometry.accum_steps)
         return self.chunks[phase]
 

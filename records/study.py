@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None,
                         help="comma-separated SEED values, each a run of every cell (default: no SEED flag, "
                              "train_gpt's seed 0, and no seed in the tags)")
+    parser.add_argument("--shuffle-data", action="store_true",
+                        help="each run's DATA_SEED is its SEED: seeds then vary the training documents' order as "
+                             "well as the init (not in the tags; needs --seeds)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of a run (default: cores / jobs)")
     parser.add_argument("--by", default=None, help="validate.py --by keys (default: the grid's keys)")
@@ -144,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                          "expected >= 1")
     if args.baseline and not Path(args.baseline).is_dir():
         raise SystemExit(f"study.py: --baseline {args.baseline}: no such folder")
-    clash = sorted({key for cell in cells for key in cell} & (set(fixed) | {"SEED", "RUN_TAG", "LOG_DIR"}))
+    if args.shuffle_data and seeds == [None]:
+        raise SystemExit("study.py: --shuffle-data sets each run's DATA_SEED to its SEED: give --seeds too")
+    study_set = set(fixed) | {"SEED", "RUN_TAG", "LOG_DIR"} | ({"DATA_SEED"} if args.shuffle_data else set())
+    clash = sorted({key for cell in cells for key in cell} & study_set)
     if clash:
         raise SystemExit(f"study.py: {', '.join(clash)} set both by a cell and by the study; set it in one place")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     def run_one(tag: str, flags: dict[str, str]) -> tuple[str, int, float, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
         env.update(fixed, **flags, RUN_TAG=tag, LOG_DIR=str(log_dir), OMP_NUM_THREADS=str(threads))
+        if args.shuffle_data:
+            env["DATA_SEED"] = flags["SEED"]
         started = time.perf_counter()
         launch = [args.python] if args.nproc == 1 else [args.python, "-m", "torch.distributed.run", "--standalone",
                                                         f"--nproc_per_node={args.nproc}"]

@@ -365,3 +365,23 @@ def test_each_consistency_rule_at_its_boundary(rule):
         with pytest.raises(T.ConfigError) as error:
             T.check_consistency(dataclasses.replace(base, **settings), world)
         assert words in str(error.value), (settings, str(error.value))
+
+
+def test_adamw_matrix_weight_decay_reaches_the_matrices_only(run_env):
+    """ADAMW_MATRIX_WD is the matrices' decoupled decay under OPTIMIZER=adamw (so that the arm is AdamW, not Adam);
+    the embeddings, scalars and head keep ADAM_WD."""
+    hp, launch = T.parse_env({**run_env, "OPTIMIZER": "adamw", "ADAMW_MATRIX_WD": "0.1", "ADAM_WD": "0.02"}, False)
+    state = T.setup(hp, launch, T.torch.device("cpu"))
+    matrices, adam = state.optimizers
+    assert {g["weight_decay"] for g in matrices.param_groups} == {0.1}
+    assert {g["weight_decay"] for g in adam.param_groups} == {0.02}
+    default = T.parse_env({**run_env, "OPTIMIZER": "adamw"}, False)[0]
+    assert default.adamw_matrix_wd == 0.0  # Adam, as the earlier studies' arm
+
+
+def test_data_seed_reaches_the_loader_and_refuses_below_minus_one(run_env):
+    hp, launch = T.parse_env({**run_env, "DATA_SEED": "5"}, False)
+    assert T.setup(hp, launch, T.torch.device("cpu")).loader.data_seed == 5
+    assert T.parse_env(run_env, False)[0].data_seed == -1  # #48's order unless asked
+    with pytest.raises(T.ConfigError, match=r"DATA_SEED=-2: expected -1 \(the shards' order\) or a seed >= 0"):
+        T.parse_env({**run_env, "DATA_SEED": "-2"}, False)

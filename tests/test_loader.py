@@ -48,11 +48,11 @@ def test_missing_byte_shards_name_the_command_that_builds_them(tmp_path):
     assert "no file matches" in str(error.value) and "python data/build_corpus.py --bytes" in str(error.value)
 
 
-def chunk_stream(files, world, steps, chunk_tokens=64, accum=None, max_seq_len=48):
+def chunk_stream(files, world, steps, chunk_tokens=64, accum=None, max_seq_len=48, data_seed=-1):
     """Per step, the step's chunks in stream order, merged from every rank's loader: chunk c = rank c % world,
     micro-step c // world."""
     accum = accum or 4 // world
-    loaders = [T.PackedLoader(files, 50304, max_seq_len, r, world) for r in range(world)]
+    loaders = [T.PackedLoader(files, 50304, max_seq_len, r, world, data_seed=data_seed) for r in range(world)]
     out = []
     for _ in range(steps):
         per_rank = [loader.next_step(chunk_tokens, accum) for loader in loaders]
@@ -60,12 +60,63 @@ def chunk_stream(files, world, steps, chunk_tokens=64, accum=None, max_seq_len=4
     return out
 
 
-def test_packed_chunk_stream_is_the_same_at_world_1_2_and_4(shard_dir):
+@pytest.mark.parametrize("data_seed", [-1, 7])
+def test_packed_chunk_stream_is_the_same_at_world_1_2_and_4(shard_dir, data_seed):
+    """The shards' order and DATA_SEED's shuffled one alike: one stream, whatever the world size."""
     files = T.find_shards(str(shard_dir / "train_*.bin"), "TRAIN_FILES")
-    single = chunk_stream(files, 1, steps=150)  # changes shard 6 times: wraps past both shards
+    single = chunk_stream(files, 1, steps=150, data_seed=data_seed)  # changes shard 6 times: wraps past both
     for world in (2, 4):
-        split = chunk_stream(files, world, steps=150)
+        split = chunk_stream(files, world, steps=150, data_seed=data_seed)
         assert all(torch.equal(a, b) for step_a, step_b in zip(single, split) for a, b in zip(step_a, step_b))
+
+
+def whole_documents(files, data_seed, shard=0, max_seq_len=10_000):
+    """The documents that the chunks of one pass over a shard hold whole, in stream order: every document of a chunk
+    but its last, which is cut to fill it (max_seq_len is above any document, so no other cut)."""
+    loader = T.PackedLoader(files, 50304, max_seq_len, 0, 1, data_seed=data_seed)
+    loader.restore(shard, 0)
+    docs = []
+    while True:
+        chunk = loader.next_step(256, 1)[0].tolist()
+        if loader.shard != shard:  # a chunk that would run past the shard's last document comes from the next one
+            return docs
+        starts = [i for i, t in enumerate(chunk) if t == BOS] + [len(chunk)]
+        docs += [chunk[a:b] for a, b in zip(starts[:-2], starts[1:-1])]
+
+
+def test_data_seed_shuffles_whole_documents_within_a_shard(shard_dir):
+    """DATA_SEED=s walks shard 0's documents in an order of its own, a permutation seeded by (DATA_SEED, shard):
+    its chunks hold the file's documents whole, in that order; another seed gives another order; -1 the file's."""
+    files = T.find_shards(str(shard_dir / "train_*.bin"), "TRAIN_FILES")
+    in_file = shard_documents(files[:1])
+    index = {tuple(doc): i for i, doc in enumerate(in_file)}
+    assert len(index) == len(in_file)  # the synthetic documents are all different: an index names each one
+    positions = {seed: [index[tuple(doc)] for doc in whole_documents(files, seed)] for seed in (-1, 7, 8)}
+    assert positions[-1] == sorted(positions[-1])  # the file's order
+    order = np.random.default_rng((7, 0)).permutation(len(in_file)).tolist()
+    assert positions[7] == [i for i in order if i in set(positions[7])]  # the permutation's order
+    assert positions[7][0] == order[0] and positions[7] != sorted(positions[7])
+    assert positions[7][:20] != positions[8][:20]
+    assert len(positions[7]) > len(in_file) // 2  # most documents begin whole somewhere in a chunk
+    # shard 1 has a permutation of its own, seeded by (7, 1): not shard 0's applied again
+    in_shard_1 = {tuple(doc): i for i, doc in enumerate(shard_documents(files[1:2]))}
+    first = in_shard_1[tuple(whole_documents(files, 7, shard=1)[0])]
+    assert first == np.random.default_rng((7, 1)).permutation(len(in_shard_1))[0]
+    assert first != np.random.default_rng((7, 0)).permutation(len(in_shard_1))[0]
+
+
+def test_data_seed_loader_resumes_where_it_stopped(shard_dir):
+    """A shuffled loader saved mid-shard and restored into a fresh one (the checkpoint path) continues with the same
+    chunks as the one that never stopped."""
+    files = T.find_shards(str(shard_dir / "train_*.bin"), "TRAIN_FILES")
+    walked = T.PackedLoader(files, 50304, 48, 0, 1, data_seed=3)
+    for _ in range(40):
+        walked.next_step(64, 2)
+    saved = walked.state()
+    restored = T.PackedLoader(files, 50304, 48, 0, 1, data_seed=3)
+    restored.load_state(saved)
+    for _ in range(100):  # past the end of the shard: the next one is shuffled the same way in both
+        assert all(torch.equal(a, b) for a, b in zip(walked.next_step(64, 2), restored.next_step(64, 2)))
 
 
 def shard_documents(files):

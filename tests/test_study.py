@@ -59,6 +59,9 @@ def test_bad_arguments_are_named(tmp_path):
                           (["NORM=dyt", "--grid", "NORM=derf"], "NORM set both by a cell and by the study"),
                           (["--grid", "NORM=derf", "NORM=dyt"], "--grid names NORM twice"),
                           (["--seeds", "a,b"], "--seeds a,b: expected comma-separated integers"),
+                          (["--grid", "NORM=derf", "--shuffle-data"], "--shuffle-data sets each run's DATA_SEED"),
+                          (["--grid", "DATA_SEED=1,2", "--seeds", "1", "--shuffle-data"],
+                           "DATA_SEED set both by a cell and by the study"),
                           (["--cells", tmp_path / "none.txt"], "no such file")):
         result = study(["--out", tmp_path / "s", *args])
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
@@ -125,7 +128,8 @@ import json, os, sys, uuid
 from pathlib import Path
 if sys.argv[1].endswith("train_gpt.py"):
     log = Path(os.environ["LOG_DIR"]) / f"20261202T000000Z_{{os.environ['RUN_TAG']}}_{{uuid.uuid4().hex[:8]}}.txt"
-    log.write_text('final: {{"val_loss": 2.5, "step": 4, "num_iterations": 4, "train_time_ms": 40.0}}\\n')
+    log.write_text(f"data_seed {{os.environ.get('DATA_SEED', 'unset')}}\\n"
+                   'final: {{"val_loss": 2.5, "step": 4, "num_iterations": 4, "train_time_ms": 40.0}}\\n')
     sys.exit(0)
 mode = "--compare" if "--compare" in sys.argv else "--by" if "--by" in sys.argv else "record"
 print(f"validate stand-in: {{mode}}")
@@ -184,3 +188,17 @@ def test_the_study_exit_code_follows_each_verdict_of_validate(tmp_path, capsys, 
     assert study_module.main(args) == expected, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "validate stand-in: --by" in out and ("validate stand-in: --compare" in out) == (compare is not None)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shuffle_data_gives_each_run_its_seed_as_data_seed(tmp_path, capsys, monkeypatch, shuffle):
+    """--shuffle-data: every run's DATA_SEED is its SEED (the data order varies with the seed), and the tags stay
+    the seed's alone; without it no DATA_SEED is set (the shards' order)."""
+    monkeypatch.setenv("FAKE_VALIDATE", '{"--by": 0}')
+    monkeypatch.delenv("DATA_SEED", raising=False)
+    args = ["--out", str(tmp_path / "study"), "--grid", "NORM=derf", "--seeds", "3,4", "--jobs", "1",
+            "--python", str(fake_python(tmp_path))] + (["--shuffle-data"] if shuffle else [])
+    assert study_module.main(args) == 0, capsys.readouterr().out
+    logs = {log.stem.split("_", 1)[1].rsplit("_", 1)[0]: log.read_text().splitlines()[0]
+            for log in (tmp_path / "study" / "logs").glob("*.txt")}
+    assert logs == {f"norm-derf_seed-{s}": f"data_seed {s if shuffle else 'unset'}" for s in (3, 4)}
