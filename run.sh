@@ -3,7 +3,9 @@
 #   train (default)  the speedrun with torchrun on every GPU, or the `cpu` preset on the embedded corpus without one
 #                    (PRESET=research: its byte shards, then one process);
 #                    flags are env vars (NORM=derf ./run.sh), listed by `./run.sh train --help`
-#   test             installs the test requirements and runs the pytest suite (args go to pytest)
+#   test             installs the test requirements and runs the pytest suite (args go to pytest; CI runs this)
+#   test --fast      the same, only the tests not marked slow (pytest -m "not slow": no training subprocess, no
+#                    compile): the math, the refusals, the state round trips, in minutes
 #   smoke            the first run on a GPU: python bench/smoke.py --budget 420 (SMOKE_BUDGET_S; the speedrun's
 #                    longest phase timed first, then gradients, the other phases, validation, cuda tests; one
 #                    verdict line each, the JSON rewritten after each), offline: with a GPU torch nothing is
@@ -192,6 +194,10 @@ case "$command" in
     test)
         ensure_requirements
         "$PY" -c "import pytest, matplotlib" 2>/dev/null || pip_install -r tests/requirements.txt
+        if [ "${1:-}" = --fast ]; then  # the tests not marked slow; CI (.ci/run) runs the whole suite
+            shift
+            exec "$PY" -m pytest -q -m "not slow" "$@"
+        fi
         exec "$PY" -m pytest -q "$@"
         ;;
     smoke)

@@ -195,6 +195,7 @@ def test_sigterm_saves_a_checkpoint_and_the_pair_counts_as_one_run(run_env, tmp_
     assert runs == []
 
 
+@pytest.mark.slow
 def test_refusals_name_the_input(small_checkpoint, tmp_path):
     env, step2 = small_checkpoint  # a 2-step run's checkpoint (NUM_ITERATIONS=2, MODEL_DIM=32)
     cut = tmp_path / "cut" / "step_000002"

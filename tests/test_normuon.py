@@ -84,6 +84,7 @@ def test_changing_lr_causes_no_recompile():
     assert counter.frame_count == 1
 
 
+@pytest.mark.slow
 def test_compiled_helpers_agree_with_eager():
     gen = torch.Generator().manual_seed(0)
     v, buffer = torch.randn(2, 16, 8, generator=gen), torch.rand(2, 16, 1, generator=gen)

@@ -26,7 +26,7 @@ REPO = Path(T.__file__).resolve().parent
 # A python3 that logs every call and answers run.sh's probes from FAKE_* variables: a distribution's Python
 # (EXTERNALLY-MANAGED, pip visible or not, ensurepip or not) or, copied into .venv/bin by `-m venv`, a venv's.
 FAKE_PYTHON = '''#!{python}
-import os, sys
+import json, os, sys
 from pathlib import Path
 
 me = Path(sys.argv[0]).absolute()
@@ -85,7 +85,7 @@ if args[:3] == ["-m", "pip", "install"]:
     (state / (role + "-installed")).touch()
     sys.exit(0)
 if args[:2] == ["-m", "pytest"]:
-    print("stand-in pytest ran")
+    print("stand-in pytest ran", json.dumps(args[2:]))  # json: an argument with a space stays one argument
     sys.exit(0)
 if args[:2] == ["train_gpt.py", "--help"]:
     print("stand-in train_gpt.py help: NUM_ITERATIONS ...")
@@ -211,6 +211,27 @@ def test_an_active_venv_is_used_instead_of_dot_venv(stand_in):
     result, calls = stand_in("test", FAKE_IN_VENV="1", FAKE_SYSTEM_PIP="1")
     assert result.returncode == 0, result.stderr
     assert "system -m pytest -q" in calls and not (stand_in.repo / ".venv").exists()
+
+
+def pytest_arguments(result: subprocess.CompletedProcess) -> list[list[str]]:
+    """The argument lists the stand-in's pytest got, in order."""
+    prefix = "stand-in pytest ran "
+    return [json.loads(line[len(prefix):]) for line in result.stdout.splitlines() if line.startswith(prefix)]
+
+
+def test_test_fast_runs_the_tests_not_marked_slow_and_ci_the_whole_suite(stand_in):
+    """./run.sh test --fast reaches pytest as -m "not slow" (one argument), the args after it go on to pytest;
+    ./run.sh test (CI's .ci/run) selects nothing, and --fast anywhere but first is pytest's own business."""
+    venv = dict(FAKE_IN_VENV="1", FAKE_SYSTEM_PIP="1")
+    fast, _ = stand_in("test", "--fast", "-k", "loader", **venv)
+    assert fast.returncode == 0, fast.stderr
+    assert pytest_arguments(fast) == [["-q", "-m", "not slow", "-k", "loader"]]
+    full, _ = stand_in("test", "-k", "loader", **venv)
+    assert pytest_arguments(full) == [["-q", "-k", "loader"]]
+    later, _ = stand_in("test", "-x", "--fast", **venv)
+    assert pytest_arguments(later) == [["-q", "-x", "--fast"]]
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert [line for line in ci if "run.sh" in line and not line.startswith("#")] == ["./run.sh test"]
 
 
 @pytest.mark.parametrize("args", [["--help"], ["-h"], ["help"]])
