@@ -4,8 +4,8 @@
 #                    (PRESET=research: its byte shards, then one process);
 #                    flags are env vars (NORM=derf ./run.sh), listed by `./run.sh train --help`
 #   test             installs the test requirements and runs the pytest suite (args go to pytest; CI runs this)
-#   test --fast      the same, only the tests not marked slow (pytest -m "not slow": no training subprocess, no
-#                    compile): the math, the refusals, the state round trips, in minutes
+#   test --fast      the same, only the tests not marked slow (pytest -m "not slow"; slow: training runs, compiles,
+#                    the studies re-derived from their logs): the math, the refusals, the state round trips
 #   smoke            the first run on a GPU: python bench/smoke.py --budget 420 (SMOKE_BUDGET_S; the speedrun's
 #                    longest phase timed first, then gradients, the other phases, validation, cuda tests; one
 #                    verdict line each, the JSON rewritten after each), offline: with a GPU torch nothing is

@@ -14,6 +14,7 @@ RECORDS = Path(__file__).resolve().parents[1] / "records"
 STUDY = RECORDS / "2026-11-26_norm_optimizer_ablation"
 
 
+@pytest.mark.slow  # runs a study's analysis over its logs in a subprocess
 @pytest.mark.parametrize("folder", [STUDY.name, "2026-12-02_research_norm_optimizer"])
 def test_norm_optimizer_study_reproduces_from_its_logs(tmp_path, folder):
     """The CPU study and study (b) on the research preset, both analysed by the CPU study's analyze.py: table.txt
@@ -33,6 +34,7 @@ def test_norm_optimizer_study_reproduces_from_its_logs(tmp_path, folder):
     assert re.search(r"cells also split by [A-Z0-9_, ]*NORM_ALPHA \(", by.stderr), by.stderr
 
 
+@pytest.mark.slow  # runs a study's analysis over its logs in a subprocess
 def test_research_lr_sweep_reproduces_from_its_logs(tmp_path):
     """The research preset's lr sweep (records/2026-12-02_research_lr_sweep/): table.txt is what analyze.py prints
     for the committed logs, so a hand-edited number or a log left out fails here."""
@@ -44,6 +46,7 @@ def test_research_lr_sweep_reproduces_from_its_logs(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 10_000 and (sweep / "sweep.png").is_file()
 
 
+@pytest.mark.slow  # runs a study's analysis over its logs in a subprocess
 def test_normuon_muon_adamw_study_reproduces_from_its_logs(tmp_path):
     """Study (c) (records/2026-12-02_research_normuon_muon_adamw/): table.txt, with each pair's difference, CI and
     p, is what analyze.py prints for the committed logs, and validate_by.txt is validate.py --by OPTIMIZER's."""
@@ -82,6 +85,7 @@ def test_flatness_counts_factors_of_2_within_the_limit_of_the_best(points, expec
     assert load_sweep_analysis().flatness(points) == expected
 
 
+@pytest.mark.slow  # runs a study's analysis over its logs in a subprocess
 def test_lr_sensitivity_analysis_reads_the_sweeps_curves(tmp_path):
     """The lr-sensitivity study (records/2026-12-02_research_lr_sensitivity/) takes its curves without Momo from the
     lr sweep's logs: given an empty log folder, its table is the sweep's Muon and MuonMax rows."""
@@ -96,6 +100,7 @@ def test_lr_sensitivity_analysis_reads_the_sweeps_curves(tmp_path):
     assert (out / "sensitivity.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # runs a study's analysis over its logs in a subprocess
 def test_lr_sensitivity_study_reproduces_from_its_logs(tmp_path):
     """Its committed table.txt is what analyze.py makes of the committed logs (with the sweep's curves)."""
     study = RECORDS / "2026-12-02_research_lr_sensitivity"
