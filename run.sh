@@ -127,7 +127,7 @@ train_help() {  # the flags without installing or fetching anything
     fi
     usage
     echo
-    echo "Flags: env vars, listed in README.md (Flags) and by \`python train_gpt.py --help\` once torch is installed"
+    echo "Flags: env vars, listed in docs/flags.md and by \`python train_gpt.py --help\` once torch is installed"
     echo "(./run.sh test or ./run.sh data installs it)."
 }
 
