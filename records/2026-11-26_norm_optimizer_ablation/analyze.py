@@ -131,11 +131,16 @@ def table(cells: dict) -> list[str]:
         lines += ["", f"Derf gap under Muon minus under AdamW (the interaction; CI from validate.py --by): "
                       f"{derf_muon[0] - derf_adamw[0]:+.4f}"]
     if derf_muon and derf_muon[0] > 0:
-        lines += ["", "share of Derf's Muon gap that a remedy recovers, 1 - gap(remedy) / gap(derf), from the means:"]
+        # a share is a ratio over Derf's gap: printed only when that gap's CI excludes 0 (records/claims.py's rule)
+        shares = derf_muon[1] > 0
+        lines += ["", "share of Derf's Muon gap that a remedy recovers, 1 - gap(remedy) / gap(derf), from the means"
+                      + (":" if shares else f" (refused: Derf's gap's 95% CI [{derf_muon[1]:+.4f}, "
+                                            f"{derf_muon[2]:+.4f}] includes 0):")]
         for cell, (diff, low, high) in gaps.items():
             if cell[1] == "muon" and cell != ("derf", "muon", 0.5) and cell[0] != "dyt":
                 change, change_low, change_high = welch(losses[cell], losses[("derf", "muon", 0.5)])
-                lines.append(f"  {label(cell):{width}} {1 - diff / derf_muon[0]:6.1%}  (its gap {diff:+.4f} "
+                share = f"{1 - diff / derf_muon[0]:6.1%}" if shares else f"{'-':>6}"
+                lines.append(f"  {label(cell):{width}} {share}  (its gap {diff:+.4f} "
                              f"[{low:+.4f}, {high:+.4f}] against derf's {derf_muon[0]:+.4f} "
                              f"[{derf_muon[1]:+.4f}, {derf_muon[2]:+.4f}]; it minus derf: {change:+.4f} "
                              f"[{change_low:+.4f}, {change_high:+.4f}])")
