@@ -74,10 +74,26 @@ class ConfigError(ValueError):
     """A bad env override or an inconsistent configuration; main() prints it and exits with code 2."""
 
 
-def _hp(default, help: str, choices: Sequence[str] | None = None, check: Callable | None = None,
+def _hp(default, help: str, choices: Sequence[str] | Mapping[str, object] | None = None, check: Callable | None = None,
         rule: str = ""):
-    """A Hyperparameters field with its help text, allowed choices and a validity check (with its rule in words)."""
+    """A Hyperparameters field with its help text, allowed choices (a registry: its names when flags are parsed) and a
+    validity check (with its rule in words)."""
     return field(default=default, metadata={"help": help, "choices": choices, "check": check, "rule": rule})
+
+
+# The swappable parts, name -> what builds it: NORMS (a Norm subclass) is filled in the norms section, OPTIMIZERS (an
+# OptimizerEntry) in the optimizers section. NORM's and OPTIMIZER's choices are these dicts themselves, so the flag
+# checks, their errors, --help and the factories all read them when flags are parsed: a script that registers one
+# more entry before calling main() has made it a valid value, with no other edit.
+NORMS: dict[str, type[Norm]] = {}
+OPTIMIZERS: dict[str, OptimizerEntry] = {}
+
+
+def registered(registry: Mapping[str, object], flag: str, name: str) -> typing.Any:
+    """registry[name], or a ConfigError naming the flag, the value and every registered choice."""
+    if name not in registry:
+        raise ConfigError(f"{flag}={name}: expected one of {', '.join(registry)}")
+    return registry[name]
 
 
 _positive = (lambda v: v > 0, "a number > 0")
@@ -164,6 +180,7 @@ class Hyperparameters:
     adam_lr: float = _hp(0.008, "DistAdam base lr", check=_positive)
     adam_beta1: float = _hp(0.65, "DistAdam beta1", check=_fraction)
     adam_beta2: float = _hp(0.95, "DistAdam beta2", check=_fraction)
+    adam_bias_correction: bool = _hp(True, "DistAdam divides its moments by 1 - beta**step, as Kingma & Ba's Adam")
     adam_eps: float = _hp(1e-8, "DistAdam eps", check=_positive)
     adam_wd: float = _hp(0.0, "DistAdam decoupled weight decay", check=_non_negative)
     embed_lr_mul: float = _hp(75.0, "lr_mul of the embedding and value embeddings", check=_positive)
@@ -179,7 +196,7 @@ class Hyperparameters:
     # matrix optimizer
     optimizer: str = _hp("normuon", "optimizer of the hidden matrices and gates (muonmax: the MuonMax/Momo paper's "
                          "regularized max-norm method, its own lr MUONMAX_LR)",
-                         choices=("normuon", "muon", "adamw", "muonmax"))
+                         choices=OPTIMIZERS)
     muonmax_lr: float = _hp(0.05, "OPTIMIZER=muonmax: lr of the matrices (the step is lr * the summed dual norm "
                             "of the per-token-mean momentum, ~0.5-2 on the cpu preset, so not Muon's scale)",
                             check=_positive)
@@ -199,7 +216,7 @@ class Hyperparameters:
     normuon_beta2: float = _hp(0.95, "beta2 of NorMuon's second-moment buffer", check=_fraction)
     c_proj_lr_mul: float = _hp(2.0, "lr_mul of the MLP output matrix", check=_positive)
     # normalization
-    norm: str = _hp("rmsnorm", "block and final normalization", choices=("rmsnorm", "dyt", "derf", "derf_ema"))
+    norm: str = _hp("rmsnorm", "block and final normalization", choices=NORMS)
     norm_alpha: float = _hp(0.5, "initial alpha of DyT/Derf", check=_positive)
     norm_ema: float = _hp(0.9, "lambda of the Derf EMA-blend scale", check=_fraction)
     diagnostics: bool = _hp(False, "per-layer diagnostics at each validation")
@@ -656,9 +673,10 @@ class LoopOptimizer(torch.optim.Optimizer):
 
     A new optimizer touches these places, and no others (Momo, the loop, checkpoints and diagnostics take it as it
     is): (1) a class deriving from this one, with prepare() and _commit_all() (a faster step() if it likes; state
-    kept outside self.state needs its own saved_state/load_saved_state); (2) its name in Hyperparameters.optimizer's
-    choices and, if it has one, its lr field; (3) its branch in build_optimizers(); (4) a check_consistency rule
-    for any flag it cannot run with; (5) `python scripts/readme_flags.py` for the README's flag block.
+    kept outside self.state needs its own saved_state/load_saved_state); (2) its OPTIMIZERS line, an OptimizerEntry
+    with the function that builds it and any defaults it brings (which is all a script outside this file needs);
+    in this file also (3) its lr field if it has one; (4) a check_consistency rule for any flag it cannot run with;
+    (5) `python scripts/readme_flags.py` for the flag list.
 
     - step_every (constructor): the loop steps the optimizer after the backward of each step with
       (step + 1) % step_every == 0 and after the last step; in between, gradients accumulate in .grad (two steps'
@@ -739,7 +757,7 @@ class DistAdam(LoopOptimizer):
     overlaps the rest of the backward. step() waits per parameter, updates its own rows with bf16 moments, and
     all-gathers the rows back. At world size 1 no collective is called and the hook does nothing.
     Group keys: lr, lr_mul, schedule (the per-step multiplier set by the loop), betas, eps, weight_decay.
-    bias_correction=False: MuonMax's Adam part (no division by 1 - beta**step).
+    bias_correction=False (ADAM_BIAS_CORRECTION=0, MuonMax's default): no division by 1 - beta**step.
     """
 
     def __init__(self, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
@@ -1149,15 +1167,12 @@ class NorMuon(LoopOptimizer):
         return self.cautious_update(torch.stack(params), update.view(k, rows, cols), eff_lr, decay, self.cautious)
 
 
-MUONMAX_ADAM_BETAS = (0.95, 0.95)  # MuonMax's Adam part, no bias correction (the MuonMax/Momo paper's setting)
-
-
 class MuonMax(NorMuon):
     """OPTIMIZER=muonmax: regularized steepest descent in a max-of-layers norm (Crawshaw, Modi, Liu & Gower, "An
     Exploration of Non-Euclidean Gradient Descent: Muon and its Many Variants", arXiv 2510.09827), as we read it
     (the paper's own equations were not available to us): W_l <- W_l - lr * (sum_j s_j ||M_j||_nuc) * s_l polar(M_l)
     for every matrix block l, M the momentum; the derivation is at the lines. No weight decay; the other parameters
-    take Adam without bias correction (MUONMAX_ADAM_BETAS, build_optimizers)."""
+    take Adam with the paper's betas and without bias correction (its OPTIMIZERS entry's defaults)."""
 
     def __init__(self, param_groups: list[dict], lr: float, momentum: float, ortho: str = "polar",
                  compile: bool = False):
@@ -1205,6 +1220,60 @@ class MuonMax(NorMuon):
         # singular values lie within ~15% of 1, so the sum is that close too)
         scratch.dual_sum += shape_scale * (momentum.float() * polar).sum()
         return torch.stack(params) - shape_scale * polar.view(k, rows, cols).to(grads.dtype)
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One OPTIMIZERS line: OPTIMIZER=<name>'s optimizer of the hidden matrices and gates.
+
+    build(groups, hp): the LoopOptimizer of groups["qkvo"], ["c_fc"], ["c_proj"] and ["gates"] (GPT.param_groups());
+    the embeddings, scalars and head always take DistAdam (build_optimizers). defaults: the Hyperparameters fields
+    this optimizer sets unless the env does (over the preset, under the env), e.g. the Adam part's betas; --help
+    lists them and the log's config line holds the values the run took.
+    """
+
+    build: Callable[[Mapping[str, list[nn.Parameter]], Hyperparameters], LoopOptimizer]
+    defaults: Mapping[str, object] = field(default_factory=dict)
+
+
+def matrix_groups(groups: Mapping[str, list[nn.Parameter]], hp: Hyperparameters) -> list[dict]:
+    """The hidden matrices as NorMuon and MuonMax take them: qkvo as its 4 row blocks (q, k, v, o), c_proj with its
+    lr_mul, the gates flagged (their variance normalization reduces another dim)."""
+    return [dict(params=groups["qkvo"], blocks=4), dict(params=groups["c_fc"]),
+            dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul), dict(params=groups["gates"], is_gate=True)]
+
+
+def build_normuon(groups: Mapping[str, list[nn.Parameter]], hp: Hyperparameters, variance_norm: bool = True
+                  ) -> NorMuon:
+    """OPTIMIZER=normuon, and with variance_norm=False OPTIMIZER=muon (the same step without NorMuon's second
+    moment)."""
+    return NorMuon(matrix_groups(groups, hp), lr=hp.muon_lr, momentum=hp.muon_momentum_start, weight_decay=hp.muon_wd,
+                   beta2=hp.normuon_beta2, variance_norm=variance_norm, ortho=hp.ortho, cautious=hp.cwd,
+                   compile=bool(hp.compile))
+
+
+def build_muonmax(groups: Mapping[str, list[nn.Parameter]], hp: Hyperparameters) -> MuonMax:
+    return MuonMax(matrix_groups(groups, hp), lr=hp.muonmax_lr, momentum=hp.muon_momentum_start, ortho=hp.ortho,
+                   compile=bool(hp.compile))
+
+
+def build_adamw(groups: Mapping[str, list[nn.Parameter]], hp: Hyperparameters) -> DistAdam:
+    """OPTIMIZER=adamw: DistAdam on the matrices and gates too, with the Adam part's betas and eps, its own lr and
+    decay."""
+    return DistAdam([dict(params=groups["qkvo"] + groups["c_fc"] + groups["gates"]),
+                     dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul)],
+                    lr=hp.adamw_matrix_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps,
+                    weight_decay=hp.adamw_matrix_wd, compile=bool(hp.compile), bias_correction=hp.adam_bias_correction)
+
+
+OPTIMIZERS.update({
+    "normuon": OptimizerEntry(build_normuon),
+    "muon": OptimizerEntry(functools.partial(build_normuon, variance_norm=False)),
+    "adamw": OptimizerEntry(build_adamw),
+    # the MuonMax/Momo paper's setting of the Adam part: betas 0.95, 0.95 and no bias correction
+    "muonmax": OptimizerEntry(build_muonmax, defaults=dict(adam_beta1=0.95, adam_beta2=0.95,
+                                                           adam_bias_correction=False)),
+})
 
 
 class Momo:
@@ -1322,7 +1391,32 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-class RMSNorm(nn.Module):
+class Norm(nn.Module):
+    """The contract between the model, the loop and a block/final norm, written once. A new norm is a subclass and
+    one NORMS line (its parameters join Adam's scalar group by themselves: GPT.param_groups); a script outside this
+    file may register one before calling main().
+
+    - build(hp), a classmethod: one site's module from the run's config (every site is built apart).
+    - forward(x) -> x's shape.
+    Optional abilities, called on every norm (these defaults do nothing):
+    - diagnostics(x) -> {name: 0-D tensor}: DIAGNOSTICS=1's figures of a site's fp32 input, beyond its RMS.
+    - update_running_scales(sites), a classmethod: once per optimizer step, outside the compiled forward, with every
+      site of its class in the model (so that the sites can share one collective); the same call on every rank.
+    """
+
+    @classmethod
+    def build(cls, hp: Hyperparameters) -> Norm:
+        return cls()
+
+    def diagnostics(self, x: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    @classmethod
+    def update_running_scales(cls, sites: Sequence[Norm]) -> None:
+        pass
+
+
+class RMSNorm(Norm):
     """The record's block and final norm: parameter-free RMS norm."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -1377,7 +1471,39 @@ def _upcast_apply(fn: Callable, x: Tensor, *params: Tensor) -> Tensor:
     return fn(x.to(torch.promote_types(x.dtype, torch.float32)), *params).to(x.dtype)
 
 
-class DyT(nn.Module):
+def percentile(t: Tensor, q: float) -> Tensor:
+    """The q-quantile (0 < q <= 1) of t's elements, lower value (kthvalue has no size limit, unlike quantile)."""
+    flat = t.flatten()
+    return flat.kthvalue(max(1, math.ceil(q * flat.numel()))).values
+
+
+class BoundedNorm(Norm):
+    """A norm gamma * squash(argument(x)) + beta (DyT, Derf): the squash bounds it, so its diagnostics are how much
+    of its input saturates the squash, and its learned scalars."""
+
+    squash: Callable[[Tensor], Tensor]
+    logged_scalars: tuple[str, ...] = ("alpha",)  # the (1,) tensors that the diag line shows, in this order
+
+    @classmethod
+    def build(cls, hp: Hyperparameters) -> BoundedNorm:
+        return cls(hp.model_dim, hp.norm_alpha)
+
+    def argument(self, x: Tensor) -> Tensor:
+        """What the squash function sees."""
+        raise NotImplementedError
+
+    def diagnostics(self, x: Tensor) -> dict[str, Tensor]:
+        """The fraction of squash outputs (before gamma/beta) with magnitude > 0.99 and > 0.95, the mean and 99th
+        percentile of the squash argument and of its magnitude, and the learned scalars."""
+        arg = self.argument(x).float()
+        squashed = self.squash(arg).abs()
+        stats = dict(sat99=(squashed > 0.99).float().mean(), sat95=(squashed > 0.95).float().mean(),
+                     arg_mean=arg.mean(), arg_p99=percentile(arg, 0.99), arg_abs_p99=percentile(arg.abs(), 0.99))
+        stats.update({name: getattr(self, name).float().squeeze() for name in self.logged_scalars})
+        return stats
+
+
+class DyT(BoundedNorm):
     """NORM=dyt: gamma * tanh(alpha * x) + beta with a scalar alpha and per-channel gamma (1) and beta (0).
     Scalars are (1,) tensors, not 0-D, because DistAdam shards every parameter by rows."""
 
@@ -1390,17 +1516,17 @@ class DyT(nn.Module):
         self.beta = nn.Parameter(torch.zeros(dim))
 
     def argument(self, x: Tensor) -> Tensor:
-        """What the squash function sees (for diagnostics)."""
         return self.alpha * x
 
     def forward(self, x: Tensor) -> Tensor:
         return bounded_kernel(dyt, x)(x, self.alpha, self.gamma, self.beta)
 
 
-class Derf(nn.Module):
+class Derf(BoundedNorm):
     """NORM=derf: gamma * erf(alpha * x + shift) + beta; scalar alpha and shift (init 0), per-channel gamma, beta."""
 
     squash = staticmethod(torch.erf)
+    logged_scalars = ("alpha", "shift")
 
     def __init__(self, dim: int, alpha: float):
         super().__init__()
@@ -1423,16 +1549,26 @@ class DerfEMA(Derf):
     value 1.0: in this model every norm input starts near RMS 1 (the embedding is RMS-normed and every sublayer's
     output projection is zero-init; only lambda_a's 1.1 per layer scales it), and step 0 is then plain Derf.
     A training forward with gradients adds its input's mean square to `scale_stats` (sum, count); the loop calls
-    GPT.update_norm_scales() once per optimizer step (update_ema_scales: averages the stats over ranks, moves
+    update_running_scales once per optimizer step (update_ema_scales: averages the stats over ranks, moves
     sigma_hat).
     Eval and no-grad forwards leave both untouched.
     """
+
+    logged_scalars = ("alpha", "shift", "sigma_hat")
 
     def __init__(self, dim: int, alpha: float, ema: float):
         super().__init__(dim, alpha)
         self.ema = ema
         self.register_buffer("sigma_hat", torch.ones(1))
         self.register_buffer("scale_stats", torch.zeros(2), persistent=False)
+
+    @classmethod
+    def build(cls, hp: Hyperparameters) -> DerfEMA:
+        return cls(hp.model_dim, hp.norm_alpha, hp.norm_ema)
+
+    @classmethod
+    def update_running_scales(cls, sites: Sequence[DerfEMA]) -> None:
+        update_ema_scales(sites)
 
     def argument(self, x: Tensor) -> Tensor:
         return self.alpha * x / self.sigma_hat + self.shift
@@ -1463,20 +1599,13 @@ def update_ema_scales(norms: Sequence[DerfEMA]) -> None:
     torch._foreach_zero_([norm.scale_stats for norm in norms])
 
 
-def make_norm(hp: Hyperparameters) -> nn.Module:
-    """The block/final norm that NORM selects. A new norm touches: its kernel function and module here (with
-    argument() and squash() if it is a bounded norm, for the diagnostics), its name in Hyperparameters.norm's
-    choices and any init flag, this branch, and `python scripts/readme_flags.py`. Its parameters join Adam's
-    scalar group by themselves (GPT.param_groups)."""
-    if hp.norm == "rmsnorm":
-        return RMSNorm()
-    if hp.norm == "dyt":
-        return DyT(hp.model_dim, hp.norm_alpha)
-    if hp.norm == "derf":
-        return Derf(hp.model_dim, hp.norm_alpha)
-    if hp.norm == "derf_ema":
-        return DerfEMA(hp.model_dim, hp.norm_alpha, hp.norm_ema)
-    raise ConfigError(f"NORM={hp.norm}: expected one of rmsnorm, dyt, derf, derf_ema")
+def make_norm(hp: Hyperparameters) -> Norm:
+    """One block/final norm site of the class that NORM names in NORMS. A new norm touches: its kernel function and
+    its Norm subclass here, its NORMS line below, any init flag, and `python scripts/readme_flags.py`."""
+    return registered(NORMS, "NORM", hp.norm).build(hp)
+
+
+NORMS.update(rmsnorm=RMSNorm, dyt=DyT, derf=Derf, derf_ema=DerfEMA)
 
 
 # ---- model ----
@@ -1743,9 +1872,11 @@ class GPT(nn.Module):
         self.windows = window_pair(self.hp.long_windows[0])
 
     def update_norm_scales(self) -> None:
-        """Once per optimizer step, outside the compiled forward: moves NORM=derf_ema's running scales (a no-op
-        for the other norms)."""
-        update_ema_scales([m for m in self.norm_sites().values() if isinstance(m, DerfEMA)])
+        """Once per optimizer step, outside the compiled forward: each norm class moves the running scales of its
+        sites (Norm.update_running_scales; only NORM=derf_ema has any)."""
+        sites = list(self.norm_sites().values())
+        for kind in dict.fromkeys(type(site) for site in sites):
+            kind.update_running_scales([site for site in sites if type(site) is kind])
 
     def norm_sites(self) -> dict[str, nn.Module]:
         """Every block and final norm by name: '<layer>.attn_norm', '<layer>.mlp_norm', then 'final_norm'."""
@@ -2055,31 +2186,17 @@ def load_val_sequences(files: list[str], val_tokens: int, sequence_tokens: int, 
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters) -> list[LoopOptimizer]:
-    """The matrix optimizer (every step) and DistAdam for embeddings, scalars and head (every adam_step_every).
-    Each follows LoopOptimizer's contract (its docstring lists what a new optimizer touches)."""
+    """The matrix optimizer that OPTIMIZER's entry builds (every step) and DistAdam for embeddings, scalars and head
+    (every adam_step_every). Each follows LoopOptimizer's contract (its docstring lists what a new optimizer
+    touches)."""
     groups = model.param_groups()
-    compiled = bool(hp.compile)
-    adam_betas = MUONMAX_ADAM_BETAS if hp.optimizer == "muonmax" else (hp.adam_beta1, hp.adam_beta2)
+    entry = registered(OPTIMIZERS, "OPTIMIZER", hp.optimizer)
     adam = DistAdam([dict(params=groups["embed"], lr_mul=hp.embed_lr_mul),
                      dict(params=groups["scalar"], lr_mul=hp.scalar_lr_mul),
                      dict(params=groups["head"], lr_mul=hp.head_lr_mul)],
-                    lr=hp.adam_lr, betas=adam_betas, eps=hp.adam_eps, weight_decay=hp.adam_wd,
-                    compile=compiled, bias_correction=hp.optimizer != "muonmax", step_every=hp.adam_step_every)
-    matrix_groups = [dict(params=groups["qkvo"], blocks=4), dict(params=groups["c_fc"]),
-                     dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul), dict(params=groups["gates"], is_gate=True)]
-    if hp.optimizer == "adamw":
-        matrices = DistAdam([dict(params=groups["qkvo"] + groups["c_fc"] + groups["gates"]),
-                             dict(params=groups["c_proj"], lr_mul=hp.c_proj_lr_mul)],
-                            lr=hp.adamw_matrix_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps,
-                            weight_decay=hp.adamw_matrix_wd, compile=compiled)
-    elif hp.optimizer == "muonmax":
-        matrices = MuonMax(matrix_groups, lr=hp.muonmax_lr, momentum=hp.muon_momentum_start, ortho=hp.ortho,
-                           compile=compiled)
-    else:
-        matrices = NorMuon(matrix_groups, lr=hp.muon_lr, momentum=hp.muon_momentum_start, weight_decay=hp.muon_wd,
-                           beta2=hp.normuon_beta2, variance_norm=hp.optimizer == "normuon", ortho=hp.ortho,
-                           cautious=hp.cwd, compile=compiled)
-    return [matrices, adam]
+                    lr=hp.adam_lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
+                    compile=bool(hp.compile), bias_correction=hp.adam_bias_correction, step_every=hp.adam_step_every)
+    return [entry.build(groups, hp), adam]
 
 
 def steps_now(optimizer: LoopOptimizer, step: int, hp: Hyperparameters) -> bool:
@@ -2501,27 +2618,11 @@ def spectral_norm(w: Tensor, v: Tensor, iterations: int) -> tuple[Tensor, Tensor
     return (w @ v).norm(), v
 
 
-def percentile(t: Tensor, q: float) -> Tensor:
-    """The q-quantile (0 < q <= 1) of t's elements, lower value (kthvalue has no size limit, unlike quantile)."""
-    flat = t.flatten()
-    return flat.kthvalue(max(1, math.ceil(q * flat.numel()))).values
-
-
-def norm_input_stats(norm: nn.Module, x: Tensor) -> dict[str, Tensor]:
-    """Diagnostics of one norm site from its input x (..., C): the input RMS and, for the bounded norms, the
-    fraction of squash outputs (tanh or erf, before gamma/beta) with magnitude > 0.99 and > 0.95, the mean and
-    99th percentile of the squash argument and of its magnitude, and the learned alpha, shift, sigma_hat."""
+def norm_input_stats(norm: Norm, x: Tensor) -> dict[str, Tensor]:
+    """Diagnostics of one norm site from its input x (..., C): the input RMS, then the norm's own figures
+    (Norm.diagnostics; a bounded norm's saturation and learned scalars)."""
     x = x.float()
-    stats = {"rms": x.square().mean().sqrt()}
-    if hasattr(norm, "argument"):
-        arg = norm.argument(x).float()
-        squashed = norm.squash(arg).abs()
-        stats.update(sat99=(squashed > 0.99).float().mean(), sat95=(squashed > 0.95).float().mean(),
-                     arg_mean=arg.mean(), arg_p99=percentile(arg, 0.99), arg_abs_p99=percentile(arg.abs(), 0.99))
-        for name in ("alpha", "shift", "sigma_hat"):
-            if hasattr(norm, name):
-                stats[name] = getattr(norm, name).float().squeeze()
-    return stats
+    return {"rms": x.square().mean().sqrt(), **norm.diagnostics(x)}
 
 
 class Diagnostics:
@@ -3127,10 +3228,13 @@ def parse_env(environ: Mapping[str, str], cuda_available: bool | None = None) ->
     preset = environ.get("PRESET", "speedrun" if cuda_available else "cpu").strip()
     _check_field(by_name["preset"], preset)
     values: dict[str, object] = {**PRESETS[preset], "preset": preset}
-    for name, f in by_name.items():
-        raw = environ.get(env_name(name))
-        if raw is not None and name != "preset":
-            values[name] = _parse_value(env_name(name), raw, hints[name])
+    overrides = {name: _parse_value(env_name(name), environ[env_name(name)], hints[name]) for name in by_name
+                 if env_name(name) in environ and name != "preset"}
+    # the optimizer's own defaults (OptimizerEntry.defaults) go over the preset's and under the env's; an unknown
+    # OPTIMIZER brings none and is refused below with the other fields' checks
+    optimizer = overrides.get("optimizer", values.get("optimizer", by_name["optimizer"].default))
+    values.update(OPTIMIZERS[optimizer].defaults if optimizer in OPTIMIZERS else {})
+    values.update(overrides)
     hp = Hyperparameters(**values)
     for f in dataclasses.fields(hp):
         _check_field(f, getattr(hp, f.name))
@@ -3244,7 +3348,11 @@ def help_text() -> str:
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
         choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata.get("choices") else ""
-        lines.append(f"  {env_name(f.name):24} {str(default):36} {f.metadata['help']}{choices}")
+        # the defaults that an optimizer's entry brings, e.g. " (OPTIMIZER=muonmax: 0.95)"
+        brought = [f"OPTIMIZER={name}: {entry.defaults[f.name]}" for name, entry in OPTIMIZERS.items()
+                   if f.name in entry.defaults]
+        brought_text = f" ({'; '.join(brought)})" if brought else ""
+        lines.append(f"  {env_name(f.name):24} {str(default):36} {f.metadata['help']}{brought_text}{choices}")
     lines += ["Any other env var that looks meant as a flag (another case, a close misspelling, a renamed one: "
               + ", ".join(RENAMED_FLAGS) + ") stops the run.",
               "Arguments: --help (this), --check (check the flags and LOG_DIR, then exit). Exit codes: 0 finished, "
