@@ -31,7 +31,9 @@ The verdict rule, fixed before looking at any estimate:
                    is inconclusive too, with the reason, and takes no part in its family's Holm adjustment.
 Since p + p_opposite = 1, at most one of the first two holds. Holm keeps the family-wise error of each kind of
 verdict at ALPHA. A claims.json marked "registered": "post hoc" was written after its runs: its verdicts are
-a re-reading of data already seen, and every text generated from it says so.
+a re-reading of data already seen, and every text generated from it says so. A "pre-registered" claims.json whose
+log folders hold no log yet is pending: the table and the markdown say so and name its claims; the README summary
+takes nothing from it.
 
 claims.json (in the study folder; keys of cells are config keys, matched case-insensitively, values compared as
 numbers when both are numbers):
@@ -423,6 +425,9 @@ def study_results(study: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     spec = load_claims(study)
     path = study / "claims.json"
     folders = [str(study / folder) for folder in spec["logs"]]
+    if spec["registered"].startswith("pre-registered") and not any(
+            (study / folder).is_dir() and any((study / folder).glob("*.txt")) for folder in spec["logs"]):
+        return spec, []  # registered before its runs, none yet: pending (a post hoc one without logs is an error)
     try:
         runs, _ = validate.load_runs(folders)
     except validate.InputError as exc:
@@ -470,6 +475,8 @@ def share_text(result: dict[str, Any]) -> str:
 
 def table_text(study: Path, spec: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """The CLI's table: one row a claim, then its contrast, share and caveats."""
+    if not results:
+        return f"{study}: registered: {spec['registered']}\n{pending_text(spec)}"
     width = max(len(r["claim"]["id"]) for r in results)
     lines = [f"{study}: {len(results)} claims, registered: {spec['registered']}",
              f"{'id':<{width}} {'estimate [95% CI]':<26} {'p':>7} {'Holm p':>7}  {'verdict':<13} detail"]
@@ -503,6 +510,8 @@ def markdown(study: Path, spec: dict[str, Any], results: list[dict[str, Any]]) -
     """The study's claims as markdown: a line on the study, then a bullet per claim (what records/README.md holds)."""
     lines = [wrap(f"`{study.name}/`, registered {spec['registered']}."
                   + "".join(f" {caveat}" for caveat in spec.get("caveats", []))), ""]
+    if not results:
+        return "\n".join(lines + [wrap(pending_text(spec))])
     for r in results:
         claim = r["claim"]
         condition = f", {claim['condition']}" if claim.get("condition") else ""
@@ -518,6 +527,13 @@ def markdown(study: Path, spec: dict[str, Any], results: list[dict[str, Any]]) -
         extra = ([share_text(r) + "."] if "share" in r else []) + claim.get("caveats", [])
         lines.append(wrap(" ".join([head, body, *extra]), "  "))
     return "\n".join(lines)
+
+
+def pending_text(spec: dict[str, Any]) -> str:
+    """What a registered study without runs yet says: that it has none, and the claims it will test."""
+    return (f"No runs yet: its {len(spec['claims'])} claims await them ("
+            + "; ".join(claim["claim"] + (f", {claim['condition']}" if claim.get("condition") else "")
+                        for claim in spec["claims"]) + ").")
 
 
 def summary(results_of: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]) -> str:
@@ -562,7 +578,7 @@ def with_block(text: str, begin: str, end: str, block: str, where: Path) -> str:
 def readme_texts() -> dict[Path, str]:
     """README.md and records/README.md as --readme would write them, from every records/*/claims.json."""
     results_of = [(study, *study_results(study)) for study in studies_with_claims()]
-    post_hoc = all(spec["registered"].startswith("post hoc") for _, spec, _ in results_of)
+    post_hoc = all(spec["registered"].startswith("post hoc") for _, spec, results in results_of if results)
     intro = f"{'Post hoc v' if post_hoc else 'V'}erdicts (`records/claims.py`): "
     section = "\n\n".join(markdown(study, spec, results) for study, spec, results in results_of)
     return {README: with_block(README.read_text(), SUMMARY_BEGIN, SUMMARY_END, wrap(intro + summary(results_of)),

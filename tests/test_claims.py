@@ -270,3 +270,22 @@ def test_missing_readme_markers_are_an_error(tmp_path):
     text = f"intro\n{claims.SECTION_BEGIN}\nold\n{claims.SECTION_END}\nend\n"
     assert claims.with_block(text, claims.SECTION_BEGIN, claims.SECTION_END, "new", tmp_path) == (
         f"intro\n{claims.SECTION_BEGIN}\nnew\n{claims.SECTION_END}\nend\n")
+
+
+def test_a_pre_registered_study_without_runs_is_pending_and_a_post_hoc_one_is_refused(tmp_path, capsys):
+    """A claims.json committed before its runs (pre-registered) reads as pending, naming the claims it will test,
+    in the table and the markdown; the README summary takes nothing from it. Post hoc, the same empty folder is the
+    usual error (a logs folder without logs)."""
+    study = tmp_path / "study"
+    (study / "logs").mkdir(parents=True)
+    document = {"registered": "pre-registered: before its runs", "logs": ["logs"],
+                "cells": {"a": {"NORM": "a"}, "b": {"NORM": "b"}},
+                "claims": [claim("a_beats_b", {"difference": ["a", "b"]}, condition="under X")]}
+    (study / "claims.json").write_text(json.dumps(document))
+    spec, results = claims.study_results(study)
+    assert results == []
+    assert "No runs yet: its 1 claims await them (a_beats_b, under X)." in claims.markdown(study, spec, results)
+    assert claims.main([str(study)]) == 0 and "No runs yet" in capsys.readouterr().out
+    assert claims.summary([(study, spec, results)]) == ""
+    (study / "claims.json").write_text(json.dumps({**document, "registered": "post hoc"}))
+    assert claims.main([str(study)]) == 2 and "logs: folder" in capsys.readouterr().err
