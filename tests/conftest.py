@@ -73,6 +73,20 @@ def preset_env(data: Path, log_dir: Path) -> dict[str, str]:
     return env
 
 
+def signal_everywhere(model, generator: torch.Generator, scale: float = 0.05):
+    """Makes every zero-initialized weight of a GPT random (the head, the gates, each attention's output projection:
+    qkvo_w's last quarter of rows), so that every path carries signal; returns the model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+        for block in model.blocks:
+            if block.attn is not None:
+                rows = block.attn.qkvo_w[3 * block.attn.qkvo_w.size(1):]
+                rows.copy_(torch.randn(rows.shape, generator=generator) * scale)
+    return model
+
+
 @pytest.fixture
 def shard_dir(tmp_path: Path) -> Path:
     """Two train shards and one val shard of synthetic documents."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as T
+from conftest import signal_everywhere
 
 
 def hp(**overrides):
@@ -347,16 +348,8 @@ def trained_like_model(smear=True):
     """The test-preset model with every zero-initialized weight (head, output projections, gates) made random, so
     that every path carries signal; smear=False zeroes the smear lambda (the one path from a token to the next
     position, which #48 applies across document boundaries too)."""
-    model = T.GPT(hp(window_block_tokens=8, long_windows="3"))
-    gen = torch.Generator().manual_seed(0)
+    model = signal_everywhere(T.GPT(hp(window_block_tokens=8, long_windows="3")), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        for block in model.blocks:
-            if block.attn is not None:  # the output projection: qkvo_w's last quarter of rows
-                out_rows = block.attn.qkvo_w[3 * block.attn.qkvo_w.size(1):]
-                out_rows.copy_(torch.randn(out_rows.shape, generator=gen) * 0.05)
         model.scalars[model.scalar_slices["smear"]] = 0.5 if smear else 0.0
     return model.eval()
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import synthetic_tokens, write_test_shard
+from conftest import signal_everywhere, synthetic_tokens, write_test_shard
 
 REPO = Path(T.__file__).resolve().parent
 
@@ -411,17 +411,8 @@ def test_a_byte_level_chunk_is_cut_into_documents_at_bos_256(tmp_path):
     assert torch.equal(T.document_ids(chunk, hp.bos_id), expected)
 
     torch.manual_seed(0)
-    model = T.GPT(hp)
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-        for block in model.blocks:
-            if block.attn is not None:  # the output projection: qkvo_w's last quarter of rows
-                rows = block.attn.qkvo_w[3 * block.attn.qkvo_w.size(1):]
-                rows.copy_(torch.randn(rows.shape, generator=generator) * 0.05)
-    model.eval()
+    model = signal_everywhere(T.GPT(hp), generator).eval()
     first, second = starts[1], starts[2]  # the second document runs from `first` to `second`
     tokens = chunk[:second + 1]
     changed = tokens.clone()
