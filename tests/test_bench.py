@@ -344,3 +344,21 @@ print("RESULT " + json.dumps(results))
     assert no_room["skipped_(budget)"] == len(no_room["outcomes"]) == len(room["outcomes"])
     assert no_room["verdict"] == "SKIP" and set(no_room["outcomes"].values()) == {"skipped (budget)"}
     assert results["no pytest"]["verdict"] == "SKIP" and "pytest is not installed" in results["no pytest"]["line"]
+
+
+def test_smoke_budget_refusals_and_nothing_started_when_the_first_check_does_not_fit(tmp_path):
+    """--budget 0 is refused in one line; when the step check (which builds the model) does not fit, every check
+    after it says why it did not run, and the run exits 0 with a JSON of SKIPs."""
+    bad = quick_smoke("--budget", "0", "--out", str(tmp_path))
+    out = bad.communicate(timeout=120)[0]
+    assert bad.returncode == 2 and "--budget 0: expected a number of seconds > 0" in out
+    earlier = {"device": "cpu, 1 thread(s)", "quick": True, "checks": {"step": {"verdict": "PASS", "seconds": 1e6}}}
+    (tmp_path / "smoke_20000101_000000.json").write_text(json.dumps(earlier))
+    process = quick_smoke("--budget", "60", "--out", str(tmp_path))
+    out = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, out[-3000:]
+    assert "check step: SKIP (budget): expected 1000000 s" in out
+    for name in SMOKE_CHECKS[1:]:
+        assert f"check {name}: SKIP (the step check, which builds the model, did not run)" in out, out
+    (tmp_path / "smoke_20000101_000000.json").unlink()
+    assert {c["verdict"] for c in smoke_json(tmp_path)["checks"].values()} == {"SKIP"}
