@@ -104,6 +104,34 @@ _increasing_fractions = (lambda v: all(0 < x < 1 for x in v) and all(a < b for a
                          "an increasing comma-separated list (may be empty) of numbers in (0, 1)")
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """What GPT and its modules read, and nothing else: the architecture, its norm and the rotary table's length.
+    The defaults are record #48's 124M model; the Hyperparameters flags of the same names take their defaults from
+    here, and model_config(hp) builds one from a run's flags. GPT(ModelConfig(num_layers=4, ...)) needs no run."""
+
+    vocab_size: int = 50304  # GPT-2's 50,257 tokens padded to a multiple of 128
+    bos_id: int = BOS_ID
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6
+    head_dim: int = 128
+    mlp_ratio: int = 4
+    gate_input_dim: int = 12
+    num_value_embeds: int = 3
+    logit_cap: float = 30.0
+    logit_temperature: float = 7.5
+    attn_scale: float = 0.1
+    window_block_tokens: int = 128
+    initial_window: int = 3  # the first long window in blocks (#48's first third); the loop grows it as scheduled
+    # rows of the rotary table: the longest packed sequence a forward will see (#48: a 262,144-token validation
+    # sequence at 8 GPUs, the most at any world size); GPT rounds it up to whole FlexAttention tiles
+    rotary_tokens: int = 262144
+    norm: str = "rmsnorm"
+    norm_alpha: float = 0.5
+    norm_ema: float = 0.9
+
+
 @dataclass
 class Hyperparameters:
     """The only config. Every field is overridable by the env var of its upper-case name (NUM_ITERATIONS=50).
@@ -122,25 +150,27 @@ class Hyperparameters:
     data_seed: int = _hp(-1, "seed of a shuffle of the training documents' order within each shard, the same at "
                          "every world size (-1: the shards' own order, as #48); the validation set never moves",
                          check=(lambda v: v >= -1, "-1 (the shards' order) or a seed >= 0"))
-    # model
-    vocab_size: int = _hp(50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128 (research: 384, bytes "
-                          "and their BOS padded)", check=_positive)
-    bos_id: int = _hp(BOS_ID, "the token that starts every document: a property of the shards (GPT-2's "
-                      f"<|endoftext|> {BOS_ID}; byte-level shards: {BYTE_BOS_ID})", check=_non_negative)
-    num_layers: int = _hp(12, "transformer layers (the per-layer table is derived from it)",
+    # model: the defaults are ModelConfig's (#48's), written there only
+    vocab_size: int = _hp(ModelConfig.vocab_size, "embedding rows: GPT-2's 50257 padded to a multiple of 128 "
+                          "(research: 384, bytes and their BOS padded)", check=_positive)
+    bos_id: int = _hp(ModelConfig.bos_id, "the token that starts every document: a property of the shards "
+                      f"(GPT-2's <|endoftext|> {BOS_ID}; byte-level shards: {BYTE_BOS_ID})", check=_non_negative)
+    num_layers: int = _hp(ModelConfig.num_layers, "transformer layers (the per-layer table is derived from it)",
                           check=(lambda v: v >= 2, "an integer >= 2"))
-    model_dim: int = _hp(768, "residual width", check=_positive)
-    num_heads: int = _hp(6, "attention heads", check=_positive)
-    head_dim: int = _hp(128, "width of one head (num_heads * head_dim must equal model_dim)",
+    model_dim: int = _hp(ModelConfig.model_dim, "residual width", check=_positive)
+    num_heads: int = _hp(ModelConfig.num_heads, "attention heads", check=_positive)
+    head_dim: int = _hp(ModelConfig.head_dim, "width of one head (num_heads * head_dim must equal model_dim)",
                         check=(lambda v: v > 0 and v % 4 == 0, "a multiple of 4"))
-    mlp_ratio: int = _hp(4, "MLP hidden width / model_dim", check=_positive)
-    gate_input_dim: int = _hp(12, "leading residual channels read by the smear and attention gates", check=_positive)
-    num_value_embeds: int = _hp(3, "value-embedding tables", check=_positive)
-    logit_cap: float = _hp(30.0, "logits = cap * sigmoid(logits / temperature)", check=_positive)
-    logit_temperature: float = _hp(7.5, "see logit_cap", check=_positive)
-    attn_scale: float = _hp(0.1, "attention softmax scale (instead of 1/sqrt(head_dim))", check=_positive)
-    window_block_tokens: int = _hp(128, "attention windows are counted in blocks of this many tokens",
-                                   check=_positive)
+    mlp_ratio: int = _hp(ModelConfig.mlp_ratio, "MLP hidden width / model_dim", check=_positive)
+    gate_input_dim: int = _hp(ModelConfig.gate_input_dim, "leading residual channels read by the smear and "
+                              "attention gates", check=_positive)
+    num_value_embeds: int = _hp(ModelConfig.num_value_embeds, "value-embedding tables", check=_positive)
+    logit_cap: float = _hp(ModelConfig.logit_cap, "logits = cap * sigmoid(logits / temperature)", check=_positive)
+    logit_temperature: float = _hp(ModelConfig.logit_temperature, "see logit_cap", check=_positive)
+    attn_scale: float = _hp(ModelConfig.attn_scale, "attention softmax scale (instead of 1/sqrt(head_dim))",
+                            check=_positive)
+    window_block_tokens: int = _hp(ModelConfig.window_block_tokens, "attention windows are counted in blocks of "
+                                   "this many tokens", check=_positive)
     long_windows: tuple[int, ...] = _hp((3, 7, 11), "long window (blocks) in each third of the scheduled steps",
                                         check=_positive_all)
     extension_window: int = _hp(13, "long window in the extension steps", check=_positive)
@@ -216,9 +246,9 @@ class Hyperparameters:
     normuon_beta2: float = _hp(0.95, "beta2 of NorMuon's second-moment buffer", check=_fraction)
     c_proj_lr_mul: float = _hp(2.0, "lr_mul of the MLP output matrix", check=_positive)
     # normalization
-    norm: str = _hp("rmsnorm", "block and final normalization", choices=NORMS)
-    norm_alpha: float = _hp(0.5, "initial alpha of DyT/Derf", check=_positive)
-    norm_ema: float = _hp(0.9, "lambda of the Derf EMA-blend scale", check=_fraction)
+    norm: str = _hp(ModelConfig.norm, "block and final normalization", choices=NORMS)
+    norm_alpha: float = _hp(ModelConfig.norm_alpha, "initial alpha of DyT/Derf", check=_positive)
+    norm_ema: float = _hp(ModelConfig.norm_ema, "lambda of the Derf EMA-blend scale", check=_fraction)
     diagnostics: bool = _hp(False, "per-layer diagnostics at each validation")
     diag_every: int = _hp(0, "DIAGNOSTICS=1: also collect them every this many steps (0: only at validations)",
                           check=_non_negative)
@@ -305,6 +335,13 @@ def max_sequence_tokens(hp: Hyperparameters, world_size: int) -> int:
     """The longest packed sequence a forward sees: the largest training chunk or a validation sequence."""
     geometry = batch_geometry(hp, world_size)
     return max(geometry.chunk_tokens(max(hp.batch_schedule)), geometry.chunk_tokens(hp.val_batch_tokens))
+
+
+def model_config(hp: Hyperparameters, world_size: int = 1) -> ModelConfig:
+    """The model part of a run's flags, with a rotary table as long as the longest sequence at this world size."""
+    same_names = {f.name: getattr(hp, f.name) for f in dataclasses.fields(ModelConfig) if hasattr(hp, f.name)}
+    return ModelConfig(**same_names, initial_window=hp.long_windows[0],
+                       rotary_tokens=max_sequence_tokens(hp, world_size))
 
 
 # ---- kernels ----
@@ -1396,7 +1433,7 @@ class Norm(nn.Module):
     one NORMS line (its parameters join Adam's scalar group by themselves: GPT.param_groups); a script outside this
     file may register one before calling main().
 
-    - build(hp), a classmethod: one site's module from the run's config (every site is built apart).
+    - build(config), a classmethod: one site's module from the ModelConfig (every site is built apart).
     - forward(x) -> x's shape.
     Optional abilities, called on every norm (these defaults do nothing):
     - diagnostics(x) -> {name: 0-D tensor}: DIAGNOSTICS=1's figures of a site's fp32 input, beyond its RMS.
@@ -1405,7 +1442,7 @@ class Norm(nn.Module):
     """
 
     @classmethod
-    def build(cls, hp: Hyperparameters) -> Norm:
+    def build(cls, config: ModelConfig) -> Norm:
         return cls()
 
     def diagnostics(self, x: Tensor) -> dict[str, Tensor]:
@@ -1485,8 +1522,8 @@ class BoundedNorm(Norm):
     logged_scalars: tuple[str, ...] = ("alpha",)  # the (1,) tensors that the diag line shows, in this order
 
     @classmethod
-    def build(cls, hp: Hyperparameters) -> BoundedNorm:
-        return cls(hp.model_dim, hp.norm_alpha)
+    def build(cls, config: ModelConfig) -> BoundedNorm:
+        return cls(config.model_dim, config.norm_alpha)
 
     def argument(self, x: Tensor) -> Tensor:
         """What the squash function sees."""
@@ -1563,8 +1600,8 @@ class DerfEMA(Derf):
         self.register_buffer("scale_stats", torch.zeros(2), persistent=False)
 
     @classmethod
-    def build(cls, hp: Hyperparameters) -> DerfEMA:
-        return cls(hp.model_dim, hp.norm_alpha, hp.norm_ema)
+    def build(cls, config: ModelConfig) -> DerfEMA:
+        return cls(config.model_dim, config.norm_alpha, config.norm_ema)
 
     @classmethod
     def update_running_scales(cls, sites: Sequence[DerfEMA]) -> None:
@@ -1599,10 +1636,10 @@ def update_ema_scales(norms: Sequence[DerfEMA]) -> None:
     torch._foreach_zero_([norm.scale_stats for norm in norms])
 
 
-def make_norm(hp: Hyperparameters) -> Norm:
+def make_norm(config: ModelConfig) -> Norm:
     """One block/final norm site of the class that NORM names in NORMS. A new norm touches: its kernel function and
     its Norm subclass here, its NORMS line below, any init flag, and `python scripts/readme_flags.py`."""
-    return registered(NORMS, "NORM", hp.norm).build(hp)
+    return registered(NORMS, "NORM", config.norm).build(config)
 
 
 NORMS.update(rmsnorm=RMSNorm, dyt=DyT, derf=Derf, derf_ema=DerfEMA)
@@ -1671,16 +1708,16 @@ def yarn_attention_factor(old_window: int, new_window: int) -> float:
 class Rotary(nn.Module):
     """Half-truncated rotary embedding: head_dim/4 frequencies (1/1024)**linspace(0, 1) then head_dim/4 zeros
     (those pairs do not rotate); cos/sin computed in fp32, stored in bf16, one row per position of a packed
-    sequence (max_seq_len rows: the longest training chunk or validation sequence, 262,144 at 8 GPUs as #48);
-    YaRN-rescaled when the training schedule grows the long window."""
+    sequence (rows: ModelConfig.rotary_tokens, the longest training chunk or validation sequence, 262,144 at 8 GPUs
+    as #48); YaRN-rescaled when the training schedule grows the long window."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, initial_window: int, block_tokens: int):
+    def __init__(self, head_dim: int, rows: int, initial_window: int, block_tokens: int):
         super().__init__()
         quarter = head_dim // 4
         base = (1 / 1024) ** torch.linspace(0, 1, quarter)
         self.register_buffer("base_freqs", torch.cat([base, base.new_zeros(quarter)]), persistent=False)
         self.register_buffer("freqs", self.base_freqs.clone(), persistent=False)
-        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2, dtype=torch.bfloat16), persistent=False)
+        self.register_buffer("cos", torch.empty(rows, head_dim // 2, dtype=torch.bfloat16), persistent=False)
         self.register_buffer("sin", torch.empty_like(self.cos), persistent=False)
         # YaRN's attention scale factor as a 0-D tensor, not a float: the compiled model reads its value instead of
         # baking it in, so a window change does not recompile
@@ -1744,16 +1781,16 @@ class CausalSelfAttention(nn.Module):
     """Attention with a fused fp32 qkvo_w (Q, K, V, O stacked on rows), QK RMS norm, half rotary, value
     embeddings, scale attn_scale, and a sigmoid output gate per head read from the first gate_input_dim channels."""
 
-    def __init__(self, hp: Hyperparameters, gate_dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, gate_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.num_heads, self.head_dim = hp.num_heads, hp.head_dim
-        width = hp.num_heads * hp.head_dim
-        bound = math.sqrt(3) * 0.5 / math.sqrt(hp.model_dim)  # uniform(-b, b) has std b / sqrt(3): 0.5 / sqrt(dim)
-        qkvo = torch.empty(4 * width, hp.model_dim).uniform_(-bound, bound)
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        width = config.num_heads * config.head_dim
+        bound = math.sqrt(3) * 0.5 / math.sqrt(config.model_dim)  # uniform(-b, b) has std b / sqrt(3): 0.5/sqrt(dim)
+        qkvo = torch.empty(4 * width, config.model_dim).uniform_(-bound, bound)
         qkvo[3 * width:].zero_()  # O zero (#48): every attention starts as a no-op on the residual stream
         self.qkvo_w = nn.Parameter(qkvo)
         # bf16 on CUDA as #48 (NorMuon updates it in bf16); the embeddings' dtype in general
-        self.attn_gate = nn.Parameter(torch.zeros(hp.num_heads, hp.gate_input_dim, dtype=gate_dtype))
+        self.attn_gate = nn.Parameter(torch.zeros(config.num_heads, config.gate_input_dim, dtype=gate_dtype))
 
     def forward(self, x: Tensor, value_embed: Tensor | None, sa_lambdas: Tensor, mask, shared: AttnInputs) -> Tensor:
         """x: (1, T, model_dim); value_embed: (1, T, model_dim) or None; mask: from attention_mask()."""
@@ -1776,13 +1813,13 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """relu(x @ c_fc^T)**2 @ c_proj, both stored (hidden, model_dim) in fp32; c_proj zero-init."""
 
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        hidden = hp.mlp_ratio * hp.model_dim
-        bound = math.sqrt(3) * 0.5 / math.sqrt(hp.model_dim)  # std 0.5 / sqrt(dim), as qkvo_w
-        self.c_fc = nn.Parameter(torch.empty(hidden, hp.model_dim).uniform_(-bound, bound))
+        hidden = config.mlp_ratio * config.model_dim
+        bound = math.sqrt(3) * 0.5 / math.sqrt(config.model_dim)  # std 0.5 / sqrt(dim), as qkvo_w
+        self.c_fc = nn.Parameter(torch.empty(hidden, config.model_dim).uniform_(-bound, bound))
         # stored (hidden, dim) like c_fc, not (dim, hidden): NorMuon batches the two as one shape
-        self.c_proj = nn.Parameter(torch.zeros(hidden, hp.model_dim))
+        self.c_proj = nn.Parameter(torch.zeros(hidden, config.model_dim))
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = F.relu(F.linear(x, self.c_fc.type_as(x))).square()
@@ -1792,12 +1829,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """x = lambda_a * x + lambda_b * x0; x += attn(norm(x)); x += mlp(norm(x)) (each sublayer where the plan has it)."""
 
-    def __init__(self, hp: Hyperparameters, has_attn: bool, has_mlp: bool, gate_dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, has_attn: bool, has_mlp: bool,
+                 gate_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.attn = CausalSelfAttention(hp, gate_dtype) if has_attn else None
-        self.attn_norm = make_norm(hp) if has_attn else None
-        self.mlp = MLP(hp) if has_mlp else None
-        self.mlp_norm = make_norm(hp) if has_mlp else None
+        self.attn = CausalSelfAttention(config, gate_dtype) if has_attn else None
+        self.attn_norm = make_norm(config) if has_attn else None
+        self.mlp = MLP(config) if has_mlp else None
+        self.mlp_norm = make_norm(config) if has_mlp else None
 
     def forward(self, x: Tensor, x0: Tensor, lambdas: Tensor, sa_lambdas: Tensor, value_embed: Tensor | None,
                 mask, shared: AttnInputs) -> Tensor:
@@ -1813,10 +1851,10 @@ class GPT(nn.Module):
     """Record #48's GPT: smeared embedding, value embeddings, U-net skip, backout, soft-capped zero-init head.
 
     The scalars (block lambdas, sa_lambdas, skip weight, smear and backout lambdas) live in one fp32 vector,
-    `scalars`, laid out by `scalar_slices`. embed_dtype is the storage dtype of the embeddings, head and gates (bf16 on
-    CUDA as the record; fp32 on CPU, where bf16 matmuls are slow); activations follow it. max_seq_len: the
-    longest packed sequence a forward will see (rotary table rows; default: the longest training chunk and
-    validation sequence at world size 1).
+    `scalars`, laid out by `scalar_slices`. config: everything the model reads (model_config(hp) for a run).
+    embed_dtype is the storage dtype of the embeddings, head and gates (bf16 on CUDA as the record; fp32 on CPU,
+    where bf16 matmuls are slow); activations follow it. accum_steps: forwards per rank per step (the FP8 head's
+    gradient scale follows it).
 
     Windows: `windows` = (short, long) in blocks of window_block_tokens, read by every forward.
     set_training_window() follows the schedule (YaRN at each change of the long window, as #48);
@@ -1824,24 +1862,27 @@ class GPT(nn.Module):
     there without yarn.apply).
     """
 
-    def __init__(self, hp: Hyperparameters, embed_dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
-                 accum_steps: int = 1):
+    def __init__(self, config: ModelConfig, embed_dtype: torch.dtype = torch.float32, accum_steps: int = 1):
         super().__init__()
-        self.hp = hp
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"GPT takes a ModelConfig, not {type(config).__name__}: GPT(model_config(hp)) for a run's "
+                            "flags, or GPT(ModelConfig(num_layers=..., ...))")
+        self.config = config
         # The loop divides each chunk's loss by the accumulation steps before its backward (as #48), so on one GPU
         # (8 steps) the head's gradient is 8x smaller than on 8 GPUs (1 step). The FP8 head's e5m2 gradient scale
         # shrinks by the same factor, so its cast sees #48's 8-GPU values, away from e5m2's subnormals.
         self.fp8_grad_scale = FP8_GRAD_SCALE / accum_steps
-        self.plan = layer_plan(hp.num_layers, hp.num_value_embeds)
-        n = hp.num_layers
-        self.embed = nn.Embedding(hp.vocab_size, hp.model_dim, dtype=embed_dtype)
-        self.value_embeds = nn.ModuleList(nn.Embedding(hp.vocab_size, hp.model_dim, dtype=embed_dtype)
-                                          for _ in range(hp.num_value_embeds))
+        self.plan = layer_plan(config.num_layers, config.num_value_embeds)
+        n = config.num_layers
+        self.embed = nn.Embedding(config.vocab_size, config.model_dim, dtype=embed_dtype)
+        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.model_dim, dtype=embed_dtype)
+                                          for _ in range(config.num_value_embeds))
         # the gates are stored like the embeddings (bf16 on CUDA, as #48's)
-        self.smear_gate = nn.Parameter(torch.zeros(1, hp.gate_input_dim, dtype=embed_dtype))
-        self.blocks = nn.ModuleList(Block(hp, self.plan.attn[i], self.plan.mlp[i], embed_dtype) for i in range(n))
-        self.final_norm = make_norm(hp)
-        self.lm_head = nn.Parameter(torch.zeros(hp.vocab_size, hp.model_dim, dtype=embed_dtype))
+        self.smear_gate = nn.Parameter(torch.zeros(1, config.gate_input_dim, dtype=embed_dtype))
+        self.blocks = nn.ModuleList(Block(config, self.plan.attn[i], self.plan.mlp[i], embed_dtype)
+                                    for i in range(n))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Parameter(torch.zeros(config.vocab_size, config.model_dim, dtype=embed_dtype))
         # single scalars by int index, not 1-element slices: a 0-D fp32 tensor times a bf16 activation stays bf16
         # (a (1,) one would promote the product to fp32)
         self.scalar_slices = {"lambdas": slice(0, 2 * n), "sa_lambdas": slice(2 * n, 4 * n),
@@ -1852,9 +1893,9 @@ class GPT(nn.Module):
                              torch.tensor([-1.5, 0.0, 0.5])])
         self.scalars = nn.Parameter(scalars)
         # rounded up to whole FlexAttention tiles: forward pads a sequence to them on CUDA
-        rotary_len = -(-(max_seq_len or max_sequence_tokens(hp, world_size=1)) // FLEX_BLOCK) * FLEX_BLOCK
-        self.rotary = Rotary(hp.head_dim, rotary_len, hp.long_windows[0], hp.window_block_tokens)
-        self.windows = window_pair(hp.long_windows[0])
+        rotary_len = -(-config.rotary_tokens // FLEX_BLOCK) * FLEX_BLOCK
+        self.rotary = Rotary(config.head_dim, rotary_len, config.initial_window, config.window_block_tokens)
+        self.windows = window_pair(config.initial_window)
 
     def set_training_window(self, long_window: int) -> None:
         """The schedule's long window (blocks) for the next forwards, short = long // 2; a change YaRN-rescales the
@@ -1869,7 +1910,7 @@ class GPT(nn.Module):
 
     def reset_schedule_state(self) -> None:
         self.rotary.reset()
-        self.windows = window_pair(self.hp.long_windows[0])
+        self.windows = window_pair(self.config.initial_window)
 
     def update_norm_scales(self) -> None:
         """Once per optimizer step, outside the compiled forward: each norm class moves the running scales of its
@@ -1901,29 +1942,30 @@ class GPT(nn.Module):
         FLEX_BLOCK tokens: a sequence of another length is padded at its end with BOS tokens (each its own
         document, after every real token, so no real token sees them) whose targets are ignored.
         """
-        hp, plan = self.hp, self.plan
+        config, plan = self.config, self.plan
         use_flex = idx.is_cuda
         if use_flex and idx.size(0) % FLEX_BLOCK:
             pad = FLEX_BLOCK - idx.size(0) % FLEX_BLOCK
-            idx = F.pad(idx, (0, pad), value=hp.bos_id)
+            idx = F.pad(idx, (0, pad), value=config.bos_id)
             targets = F.pad(targets, (0, pad), value=-100)  # cross_entropy's ignore_index
         if idx.size(0) > self.rotary.cos.size(0):
             raise ValueError(f"a sequence of {idx.size(0)} tokens is longer than the rotary table "
-                             f"({self.rotary.cos.size(0)} rows): build GPT with max_seq_len >= the longest sequence")
+                             f"({self.rotary.cos.size(0)} rows): build GPT with a ModelConfig whose rotary_tokens >= "
+                             "the longest sequence")
         scalars = {name: self.scalars[s] for name, s in self.scalar_slices.items()}
         x = self.embed(idx)[None]  # (1, T, model_dim)
         # smear (#48): every position but the first adds a gated share of the previous token's embedding
-        gate = torch.sigmoid(F.linear(x[:, 1:, :hp.gate_input_dim], self.smear_gate.type_as(x)))
+        gate = torch.sigmoid(F.linear(x[:, 1:, :config.gate_input_dim], self.smear_gate.type_as(x)))
         # fp32 0-D scalars multiply bf16 activations as they are (#48): rounding them to bf16 first (.type_as) would
         # shift e.g. YaRN's attention factor by up to 0.2%; the products stay bf16
         x = torch.cat([x[:, :1], x[:, 1:] + scalars["smear"] * gate * x[:, :-1]], dim=1)
         x = x0 = rms_norm(x)  # x0: the normed embedding that every block mixes back in (lambdas[1])
         value_embeds = [table(idx)[None] for table in self.value_embeds]
-        shared = AttnInputs(cos=self.rotary.cos, sin=self.rotary.sin, scale=hp.attn_scale,
+        shared = AttnInputs(cos=self.rotary.cos, sin=self.rotary.sin, scale=config.attn_scale,
                             yarn_factor=self.rotary.scale_factor)
         # one mask per distinct window per forward (two: short and long), shared by every layer that uses it
-        docs = document_ids(idx, hp.bos_id)
-        masks = {w: attention_mask(docs, w * hp.window_block_tokens, use_flex) for w in sorted(set(self.windows))}
+        docs = document_ids(idx, config.bos_id)
+        masks = {w: attention_mask(docs, w * config.window_block_tokens, use_flex) for w in sorted(set(self.windows))}
         skip = backout = None
         for i, block in enumerate(self.blocks):
             if block.attn is None and block.mlp is None:
@@ -1956,13 +1998,13 @@ class GPT(nn.Module):
     def logits(self, x: Tensor, fp8: bool) -> Tensor:
         """Soft-capped logits (T, vocab) of final-normed x (T, model_dim), in the head's dtype (bf16 on CUDA) as #48;
         with fp8 the head matmul runs in FP8 (training only)."""
-        hp = self.hp
+        config = self.config
         if fp8:
-            logits = fp8_linear(x, self.lm_head, math.sqrt(hp.model_dim) / FP8_X_SCALE_NUMERATOR,
+            logits = fp8_linear(x, self.lm_head, math.sqrt(config.model_dim) / FP8_X_SCALE_NUMERATOR,
                                 FP8_W_SCALE, self.fp8_grad_scale)
         else:
             logits = F.linear(x, self.lm_head.type_as(x))
-        return hp.logit_cap * torch.sigmoid(logits * (1 / hp.logit_temperature))
+        return config.logit_cap * torch.sigmoid(logits * (1 / config.logit_temperature))
 
 
 # ---- data ----
@@ -3442,7 +3484,7 @@ def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainSta
     prepare_attention(device)
     torch.manual_seed(hp.seed)
     embed_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = GPT(hp, embed_dtype, max_sequence_tokens(hp, launch.world_size), geometry.accum_steps).to(device)
+    model = GPT(model_config(hp, launch.world_size), embed_dtype, geometry.accum_steps).to(device)
     optimizers = build_optimizers(model, hp)
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model
     momo = Momo(hp.momo_lb, hp.momo_beta) if hp.momo else None

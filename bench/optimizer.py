@@ -66,7 +66,7 @@ def build(preset: str, compile_helpers: bool = False) -> tuple[T.Hyperparameters
     hp, _ = T.parse_env({"PRESET": preset, "COMPILE": str(int(compile_helpers))}, cuda_available=False)
     hp = T.resolve_auto(hp, torch.device("cpu"))
     torch.manual_seed(SEED)
-    model = T.GPT(hp)
+    model = T.GPT(T.model_config(hp))
     normuon = T.build_optimizers(model, hp)[0]
     if not isinstance(normuon, T.NorMuon):
         raise SystemExit(f"build_optimizers gave {type(normuon).__name__} for PRESET={preset}; expected NorMuon")
@@ -241,7 +241,7 @@ def bench_variants(preset: str, repeats: int) -> None:
         hp = T.parse_env({"PRESET": preset, "OPTIMIZER": optimizer, "MOMO": "1" if momo else "0",
                           "ADAM_STEP_EVERY": "1", "COMPILE": "0", "FP8": "0"}, cuda_available=False)[0]
         torch.manual_seed(SEED)
-        model = T.GPT(hp)
+        model = T.GPT(T.model_config(hp))
         optimizers = T.build_optimizers(model, hp)
         params = [p for p in model.parameters()]
         grads = random_grads(params, SEED)

@@ -31,7 +31,7 @@ def gradient_check() -> dict:
     GPT-2's vocab), the model perturbed so that every gradient is nonzero."""
     hp = T.parse_env({"PRESET": "cpu"}, cuda_available=False)[0]
     torch.manual_seed(0)
-    model = smoke.perturb(T.GPT(hp, torch.float32, T.max_sequence_tokens(hp, 1)))  # as setup() builds it
+    model = smoke.perturb(T.GPT(T.model_config(hp), torch.float32))  # as setup() builds it
     model.set_training_window(hp.long_windows[0])  # the training run's first window: the graph it compiles first
     chunk = torch.from_numpy(synthetic_tokens(hp.batch_schedule[0] + 1, seed=5, vocab=T.BOS_ID).astype("int64"))
     result = smoke.compiled_gradient_error(model, chunk, fp8=False)

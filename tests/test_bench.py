@@ -302,7 +302,7 @@ def test_smoke_gradient_check_sees_a_zero_gradient():
     smoke = load_bench("smoke.py")
     hp = T.parse_env({"PRESET": "test"}, False)[0]
     torch.manual_seed(0)
-    model = T.GPT(hp)  # not perturbed: the head is zero, so every gradient but the head's is zero
+    model = T.GPT(T.model_config(hp))  # not perturbed: the head is zero, so every gradient but the head's is zero
     chunk = torch.randint(0, 50257, (65,))
     grads = smoke.compiled_gradient_error(model, chunk, False, compiled=model)  # "compiled" = eager: equal grads
     assert grads["max_rel_error"] == 0 and "lm_head" not in grads["zero"] and "embed.weight" in grads["zero"]

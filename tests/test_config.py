@@ -293,7 +293,7 @@ def test_allocator_setting_is_in_place_before_torch_is_imported():
 def test_research_preset_is_byte_level_and_its_matrices_hold_most_parameters():
     hp, _ = parse({"PRESET": "research"})
     assert hp.bos_id == T.BYTE_BOS_ID == 256 and hp.vocab_size == 384 and "embedded_bytes" in hp.train_files
-    groups = T.GPT(hp).param_groups()
+    groups = T.GPT(T.model_config(hp)).param_groups()
     total = sum(p.numel() for ps in groups.values() for p in ps)
     matrices = sum(p.numel() for key in ("qkvo", "c_fc", "c_proj") for p in groups[key])
     assert matrices / total > 0.85  # 3.67M of 4.16M; the cpu preset's: 0.8M of ~33M

@@ -100,7 +100,7 @@ def test_flex_block_mask_forward_matches_dense_attention_on_packed_sequences(win
 
 
 def test_rotary_tables_and_yarn():
-    rotary = T.Rotary(head_dim=32, max_seq_len=64, initial_window=3, block_tokens=128)
+    rotary = T.Rotary(head_dim=32, rows=64, initial_window=3, block_tokens=128)
     assert torch.equal(rotary.freqs[8:], torch.zeros(8))  # half the pairs do not rotate
     assert rotary.freqs[0] == 1 and math.isclose(rotary.freqs[7].item(), 1 / 1024, rel_tol=1e-5)
     assert rotary.cos.dtype == torch.bfloat16
@@ -116,7 +116,7 @@ def test_rotary_tables_and_yarn():
 
 
 def test_rotary_is_a_rotation_that_depends_on_relative_position():
-    rotary = T.Rotary(head_dim=16, max_seq_len=32, initial_window=2, block_tokens=16)
+    rotary = T.Rotary(head_dim=16, rows=32, initial_window=2, block_tokens=16)
     x = torch.randn(1, 32, 1, 16)
     y = T.apply_rotary(x, rotary.cos.float(), rotary.sin.float())
     # bf16 tables round cos and sin to ~3 significant digits, so norms hold to that precision
@@ -128,8 +128,41 @@ def test_rotary_is_a_rotation_that_depends_on_relative_position():
     torch.testing.assert_close(dots, dots[:1].expand_as(dots), rtol=2e-2, atol=2e-2)
 
 
+def test_gpt_builds_from_a_model_config_alone_and_a_runs_flags_give_the_same_model():
+    """GPT(ModelConfig(...)) needs no Hyperparameters; model_config(hp) carries every model flag, and the same seed
+    gives the same weights either way."""
+    config = T.ModelConfig(vocab_size=64, bos_id=0, num_layers=4, model_dim=32, num_heads=1, head_dim=32,
+                           window_block_tokens=16, initial_window=2, rotary_tokens=128, norm="dyt", norm_alpha=0.3)
+    torch.manual_seed(0)
+    by_hand = T.GPT(config)
+    assert by_hand.rotary.cos.size(0) == 128 and by_hand.windows == (1, 2)
+    assert type(by_hand.final_norm) is T.DyT and by_hand.final_norm.alpha.item() == pytest.approx(0.3)
+    idx = torch.randint(1, 64, (40,))
+    assert torch.isfinite(by_hand(idx, idx.roll(-1)))
+    flags = hp(vocab_size=64, bos_id=0, long_windows="2", norm="dyt", norm_alpha=0.3, val_batch_tokens=256)
+    assert T.model_config(flags) == T.dataclasses.replace(config, rotary_tokens=128)
+    torch.manual_seed(0)
+    from_flags = T.GPT(T.model_config(flags))
+    assert all(torch.equal(a, b) for a, b in zip(by_hand.state_dict().values(), from_flags.state_dict().values(),
+                                                 strict=True))
+
+
+def test_model_config_defaults_are_record_48s_and_the_flags_defaults():
+    """One place holds the model's defaults: ModelConfig's, which the flags read; #48's first long window and
+    262,144-token validation sequence at 8 GPUs."""
+    speedrun = T.Hyperparameters()
+    assert T.model_config(speedrun, world_size=8) == T.ModelConfig()
+    assert T.ModelConfig().initial_window == speedrun.long_windows[0] == 3
+    assert (T.ModelConfig().num_layers, T.ModelConfig().model_dim, T.ModelConfig().vocab_size) == (12, 768, 50304)
+
+
+def test_gpt_refuses_hyperparameters_and_names_the_fix():
+    with pytest.raises(TypeError, match=r"GPT takes a ModelConfig, not Hyperparameters: GPT\(model_config\(hp\)\)"):
+        T.GPT(hp())
+
+
 def test_step0_val_loss_is_ln_vocab():
-    model = T.GPT(hp())
+    model = T.GPT(T.model_config(hp()))
     idx = torch.randint(0, 50257, (64,))
     with torch.no_grad():
         loss = model(idx, torch.roll(idx, -1), reduction="mean")
@@ -137,7 +170,7 @@ def test_step0_val_loss_is_ln_vocab():
 
 
 def test_forward_backward_reaches_every_parameter_but_zero_inits():
-    model = T.GPT(hp())
+    model = T.GPT(T.model_config(hp()))
     idx = torch.randint(0, 50257, (64,))
     model(idx, torch.roll(idx, -1)).backward()
     # with the zero head only the head gets a gradient at step 0; nothing is NaN
@@ -250,7 +283,7 @@ def fp8_backward_inputs(monkeypatch, accum_steps: int) -> torch.Tensor:
 
     monkeypatch.setattr(T, "fp8_linear", lambda x, w, *scales: T.fp8_linear_op(x, w, *scales)[0])
     torch.manual_seed(0)
-    model = T.GPT(hp(), accum_steps=accum_steps)
+    model = T.GPT(T.model_config(hp()), accum_steps=accum_steps)
     with torch.no_grad():
         model.lm_head.normal_(std=0.02)  # a nonzero head: the logits' gradient depends on it
     idx = torch.randint(0, 50257, (65,))
@@ -348,7 +381,8 @@ def trained_like_model(smear=True):
     """The test-preset model with every zero-initialized weight (head, output projections, gates) made random, so
     that every path carries signal; smear=False zeroes the smear lambda (the one path from a token to the next
     position, which #48 applies across document boundaries too)."""
-    model = signal_everywhere(T.GPT(hp(window_block_tokens=8, long_windows="3")), torch.Generator().manual_seed(0))
+    config = T.model_config(hp(window_block_tokens=8, long_windows="3"))
+    model = signal_everywhere(T.GPT(config), torch.Generator().manual_seed(0))
     with torch.no_grad():
         model.scalars[model.scalar_slices["smear"]] = 0.5 if smear else 0.0
     return model.eval()
@@ -408,7 +442,7 @@ def test_evaluation_head_on_slices_equals_the_whole_sequence(monkeypatch, reduct
 def test_rotary_table_covers_sequences_padded_to_flex_tiles():
     """On CUDA a sequence is padded to whole 128-token FlexAttention tiles, so the rotary table has that many rows
     even when no sequence of the run is that long (the test preset's are 64 and 128 tokens)."""
-    model = T.GPT(hp(val_batch_tokens=128))
+    model = T.GPT(T.model_config(hp(val_batch_tokens=128)))
     assert model.rotary.cos.size(0) % T.FLEX_BLOCK == 0 and model.rotary.cos.size(0) >= 64
 
 
@@ -433,7 +467,7 @@ def test_bf16_model_multiplies_by_unrounded_fp32_scalars_and_stays_bf16():
     stored in bf16 like the embeddings."""
     config = hp(num_layers=4)
     torch.manual_seed(0)
-    model = T.GPT(config, torch.bfloat16).train()
+    model = T.GPT(T.model_config(config), torch.bfloat16).train()
     with torch.no_grad():
         model.lm_head.normal_(0, 0.02)  # a zero head would leave most gradients exactly zero
     assert model.smear_gate.dtype == torch.bfloat16

@@ -185,7 +185,7 @@ def test_world2_equals_world1(world_runs, case):
     matrix_tolerance = WORLD_CASES[case][2]
     one, two = world_runs[case]
     torch.manual_seed(0)  # setup() seeds with SEED (0) before it builds the model: the same initial weights
-    start = T.GPT(T.parse_env({"PRESET": "test"}, False)[0]).state_dict()
+    start = T.GPT(T.model_config(T.parse_env({"PRESET": "test"}, False)[0])).state_dict()
     matrices = [name for name in one["params"] if name.endswith(("qkvo_w", "c_fc", "c_proj"))]
     assert matrices
     def flat(params, names):

@@ -122,7 +122,7 @@ def test_ema_rule_is_exact_and_moves_only_on_update():
 
 
 def test_gpt_has_one_scale_per_site_in_state_dict_and_params_in_scalar_group():
-    model = T.GPT(hp(norm="derf_ema"))
+    model = T.GPT(T.model_config(hp(norm="derf_ema")))
     plan = model.plan
     sites = [k for k in model.state_dict() if k.endswith("sigma_hat")]
     assert len(sites) == sum(plan.attn) + sum(plan.mlp) + 1 and "final_norm.sigma_hat" in sites

@@ -88,7 +88,7 @@ def test_factories_refuse_an_unregistered_name_with_the_choices():
     hp = parse()
     with pytest.raises(T.ConfigError, match="^NORM=gone: expected one of rmsnorm, dyt, derf, derf_ema$"):
         T.make_norm(T.dataclasses.replace(hp, norm="gone"))
-    model = T.GPT(hp)
+    model = T.GPT(T.model_config(hp))
     with pytest.raises(T.ConfigError, match="^OPTIMIZER=gone: expected one of normuon, muon, adamw, muonmax$"):
         T.build_optimizers(model, T.dataclasses.replace(hp, optimizer="gone"))
 
@@ -106,7 +106,7 @@ def test_the_model_calls_a_norms_optional_abilities_on_whatever_norm_has_them(mo
             return {"mean": x.mean()}
 
     monkeypatch.setitem(T.NORMS, "scaled", ScaledNorm)
-    model = T.GPT(parse(NORM="scaled"))
+    model = T.GPT(T.model_config(parse(NORM="scaled")))
     model.update_norm_scales()
     sites = list(model.norm_sites().values())
     assert len(calls) == 1 and len(sites) > 1 and all(a is b for a, b in zip(calls[0], sites, strict=True))
@@ -125,7 +125,7 @@ def test_muonmax_brings_its_adam_betas_and_no_bias_correction_and_an_explicit_be
     explicit = parse(OPTIMIZER="muonmax", ADAM_BETA1="0.8", ADAM_BIAS_CORRECTION="1")
     assert (explicit.adam_beta1, explicit.adam_beta2, explicit.adam_bias_correction) == (0.8, 0.95, True)
     for hp, betas, corrected in ((muonmax, (0.95, 0.95), False), (explicit, (0.8, 0.95), True)):
-        matrices, adam = T.build_optimizers(T.GPT(hp), hp)
+        matrices, adam = T.build_optimizers(T.GPT(T.model_config(hp)), hp)
         assert type(matrices) is T.MuonMax
         assert adam.bias_correction is corrected and all(g["betas"] == betas for g in adam.param_groups)
     text = T.help_text()

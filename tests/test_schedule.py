@@ -88,7 +88,7 @@ def test_momentum_at_the_switch_steps(speedrun, step, momentum):
 def test_yarn_frequencies_in_the_middle_of_the_ramp():
     """#48's Yarn.apply: rotations = 128 * w_old * f / 2pi, ramp = clamp((rotations - 1) / 31, 0, 1),
     f *= s + ramp * (1 - s), s = w_old / w_new. Checked at 3 -> 7 on head_dim 128 (32 rotating frequencies)."""
-    rotary = T.Rotary(head_dim=128, max_seq_len=16, initial_window=3, block_tokens=128)
+    rotary = T.Rotary(head_dim=128, rows=16, initial_window=3, block_tokens=128)
     before = rotary.freqs.double().clone()
     rotary.grow_window(7)
     checked = 0
@@ -105,7 +105,7 @@ def test_yarn_frequencies_in_the_middle_of_the_ramp():
 def tiny_model(**overrides):
     env = {"PRESET": "test", "LONG_WINDOWS": "3,7,11", "EXTENSION_WINDOW": "13", "FINAL_WINDOW": "20",
            "WINDOW_BLOCK_TOKENS": "8", **overrides}
-    return T.GPT(T.parse_env(env, False)[0])
+    return T.GPT(T.model_config(T.parse_env(env, False)[0]))
 
 
 def effective_scales(model, monkeypatch):
@@ -177,7 +177,7 @@ def test_lr_warmup_ramps_every_lr_from_zero_then_hands_over_to_the_schedule():
     for step in (9, 10, 100, plain.num_iterations - 1):
         assert T.lr_multiplier(step, warm) == T.lr_multiplier(step, plain)
     # every optimizer's groups get it: the multiplier set_schedule hands to each one at step 0
-    model = T.GPT(warm)
+    model = T.GPT(T.model_config(warm))
     optimizers = T.build_optimizers(model, warm)
     T.set_schedule(optimizers, 0, warm, grad_scale=1.0)
     assert {group["schedule"] for opt in optimizers for group in opt.param_groups} == {T.lr_multiplier(0, warm)}

@@ -412,7 +412,7 @@ def test_a_byte_level_chunk_is_cut_into_documents_at_bos_256(tmp_path):
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = signal_everywhere(T.GPT(hp), generator).eval()
+    model = signal_everywhere(T.GPT(T.model_config(hp)), generator).eval()
     first, second = starts[1], starts[2]  # the second document runs from `first` to `second`
     tokens = chunk[:second + 1]
     changed = tokens.clone()

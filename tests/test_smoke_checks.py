@@ -40,7 +40,7 @@ def test_a_recompile_after_the_compiling_cycle_fails_the_check():
 def tiny_model_and_chunk() -> tuple[T.GPT, torch.Tensor]:
     hp = T.parse_env({"PRESET": "test", "VOCAB_SIZE": "512", "BOS_ID": "500"}, False)[0]  # a small head: fast
     torch.manual_seed(0)
-    model = T.GPT(hp)
+    model = T.GPT(T.model_config(hp))
     generator = torch.Generator().manual_seed(1)
     chunk = torch.randint(0, 500, (65,), generator=generator)
     chunk[[0, 30]] = hp.bos_id
