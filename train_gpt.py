@@ -66,8 +66,14 @@ from torch import Tensor
 
 # ---- hyperparameters ----
 
+
 BOS_ID = 50256  # GPT-2's <|endoftext|>, which starts every document in FineWeb's and the embedded corpus's shards
 BYTE_BOS_ID = 256  # byte-level shards (data/build_corpus.py --bytes): ids 0-255 are UTF-8 bytes, 256 starts a document
+
+
+def env_name(field_name: str) -> str:
+    """The env var that sets a Hyperparameters field: its name in upper case (num_iterations: NUM_ITERATIONS)."""
+    return field_name.upper()
 
 
 class ConfigError(ValueError):
@@ -588,6 +594,15 @@ def fp8_linear(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale:
 # ---- distributed ----
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job, from torchrun's env (a plain `python train_gpt.py` is rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
 def pick_device(launch: Launch) -> torch.device:
     """This rank's GPU (LOCAL_RANK), or the CPU without CUDA."""
     if not torch.cuda.is_available():
@@ -596,6 +611,16 @@ def pick_device(launch: Launch) -> torch.device:
         raise ConfigError(f"LOCAL_RANK={launch.local_rank}: this machine has {torch.cuda.device_count()} GPU(s); "
                           f"launch at most that many processes per node (torchrun --nproc_per_node)")
     return torch.device("cuda", launch.local_rank)
+
+
+def join_process_group(backend: str, **kwargs) -> None:
+    """dist.init_process_group(backend, **kwargs), and the one import that must come before it: torch._dynamo
+    (imported by the first optimizer and by torch.compile) imports torch.distributed.nn.functional, whose
+    `group=group.WORLD` defaults would keep a group that exists at that moment alive, so that destroy_process_group
+    could not free it. Its gloo workers would then run on into interpreter shutdown, where one freeing the last
+    collective's tensors waits for the GIL and aborts the rank ('terminate called without an active exception')."""
+    import torch._dynamo  # noqa: F401
+    dist.init_process_group(backend, **kwargs)
 
 
 def init_distributed(launch: Launch, timeout_s: float = 600.0) -> torch.device:
@@ -612,16 +637,6 @@ def init_distributed(launch: Launch, timeout_s: float = 600.0) -> torch.device:
         join_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return device
-
-
-def join_process_group(backend: str, **kwargs) -> None:
-    """dist.init_process_group(backend, **kwargs), and the one import that must come before it: torch._dynamo
-    (imported by the first optimizer and by torch.compile) imports torch.distributed.nn.functional, whose
-    `group=group.WORLD` defaults would keep a group that exists at that moment alive, so that destroy_process_group
-    could not free it. Its gloo workers would then run on into interpreter shutdown, where one freeing the last
-    collective's tensors waits for the GIL and aborts the rank ('terminate called without an active exception')."""
-    import torch._dynamo  # noqa: F401
-    dist.init_process_group(backend, **kwargs)
 
 
 def close_distributed() -> None:
@@ -1388,15 +1403,6 @@ class Momo:
             opt.apply(updates, scale)
 
 
-def lr_multiplier(step: int, hp: Hyperparameters) -> float:
-    """The speedrun lr schedule: a boosted peak per third, linear decay over the last cooldown_frac, then flat;
-    times a linear warmup over the first lr_warmup_steps steps when that is set."""
-    if step < hp.lr_warmup_steps:
-        # a ramp from 0 at step -1 to the full schedule at step lr_warmup_steps: step 0 already moves the weights
-        return (step + 1) / (hp.lr_warmup_steps + 1) * _scheduled_lr(step, hp)
-    return _scheduled_lr(step, hp)
-
-
 def _scheduled_lr(step: int, hp: Hyperparameters) -> float:
     if step >= hp.scheduled_iterations:
         return hp.final_lr_frac
@@ -1406,6 +1412,15 @@ def _scheduled_lr(step: int, hp: Hyperparameters) -> float:
         return peak
     w = (1 - x) / hp.cooldown_frac
     return peak * w + hp.final_lr_frac * (1 - w)
+
+
+def lr_multiplier(step: int, hp: Hyperparameters) -> float:
+    """The speedrun lr schedule: a boosted peak per third, linear decay over the last cooldown_frac, then flat;
+    times a linear warmup over the first lr_warmup_steps steps when that is set."""
+    if step < hp.lr_warmup_steps:
+        # a ramp from 0 at step -1 to the full schedule at step lr_warmup_steps: step 0 already moves the weights
+        return (step + 1) / (hp.lr_warmup_steps + 1) * _scheduled_lr(step, hp)
+    return _scheduled_lr(step, hp)
 
 
 def muon_momentum(step: int, hp: Hyperparameters) -> float:
@@ -1490,6 +1505,10 @@ def ema_blend_scale(sigma_hat: Tensor, batch_rms: Tensor, ema: float) -> Tensor:
     return ema * sigma_hat + (1 - ema) * batch_rms
 
 
+def _upcast_apply(fn: Callable, x: Tensor, *params: Tensor) -> Tensor:
+    return fn(x.to(torch.promote_types(x.dtype, torch.float32)), *params).to(x.dtype)
+
+
 _compiled_bounded: dict[Callable, Callable] = {}
 
 
@@ -1502,10 +1521,6 @@ def bounded_kernel(fn: Callable, x: Tensor) -> Callable:
     if fn not in _compiled_bounded:
         _compiled_bounded[fn] = torch.compile(functools.partial(_upcast_apply, fn), dynamic=False)
     return _compiled_bounded[fn]
-
-
-def _upcast_apply(fn: Callable, x: Tensor, *params: Tensor) -> Tensor:
-    return fn(x.to(torch.promote_types(x.dtype, torch.float32)), *params).to(x.dtype)
 
 
 def percentile(t: Tensor, q: float) -> Tensor:
@@ -1586,7 +1601,7 @@ class DerfEMA(Derf):
     value 1.0: in this model every norm input starts near RMS 1 (the embedding is RMS-normed and every sublayer's
     output projection is zero-init; only lambda_a's 1.1 per layer scales it), and step 0 is then plain Derf.
     A training forward with gradients adds its input's mean square to `scale_stats` (sum, count); the loop calls
-    update_running_scales once per optimizer step (update_ema_scales: averages the stats over ranks, moves
+    update_running_scales once per optimizer step (it averages the stats over ranks and moves
     sigma_hat).
     Eval and no-grad forwards leave both untouched.
     """
@@ -1604,8 +1619,23 @@ class DerfEMA(Derf):
         return cls(config.model_dim, config.norm_alpha, config.norm_ema)
 
     @classmethod
-    def update_running_scales(cls, sites: Sequence[DerfEMA]) -> None:
-        update_ema_scales(sites)
+    @torch.no_grad()
+    def update_running_scales(cls, norms: Sequence[DerfEMA]) -> None:
+        """Moves every DerfEMA site's sigma_hat once by ema_blend_scale and clears the stats: one all-reduce (AVG) of
+        all sites' (sum of micro-batch mean squares, micro-batch count) stacked, so every rank ends with the same
+        scales, and a handful of batched ops (no per-site kernels, no host sync). A site that saw no training forward
+        keeps its scale. Nothing is called without such sites; no collective at world size 1."""
+        if not norms:
+            return
+        emas = {norm.ema for norm in norms}
+        if len(emas) != 1:
+            raise ValueError(f"DerfEMA sites with different ema values {sorted(emas)}: expected one NORM_EMA")
+        stats = all_reduce_mean(torch.stack([norm.scale_stats for norm in norms]))
+        sigma_hat = torch.cat([norm.sigma_hat for norm in norms])
+        batch_rms = (stats[:, 0] / stats[:, 1].clamp_min(1)).sqrt()
+        moved = torch.where(stats[:, 1] > 0, ema_blend_scale(sigma_hat, batch_rms, emas.pop()), sigma_hat)
+        torch._foreach_copy_([norm.sigma_hat for norm in norms], list(moved.split(1)))
+        torch._foreach_zero_([norm.scale_stats for norm in norms])
 
     def argument(self, x: Tensor) -> Tensor:
         return self.alpha * x / self.sigma_hat + self.shift
@@ -1616,24 +1646,6 @@ class DerfEMA(Derf):
             self.scale_stats.add_(torch.stack((mean_square, torch.ones_like(mean_square))))
         return bounded_kernel(derf_ema, x)(x, self.alpha, self.shift, self.gamma, self.beta, self.sigma_hat)
 
-
-@torch.no_grad()
-def update_ema_scales(norms: Sequence[DerfEMA]) -> None:
-    """Moves every DerfEMA site's sigma_hat once by ema_blend_scale and clears the stats: one all-reduce (AVG) of
-    all sites' (sum of micro-batch mean squares, micro-batch count) stacked, so every rank ends with the same
-    scales, and a handful of batched ops (no per-site kernels, no host sync). A site that saw no training forward
-    keeps its scale. Nothing is called without such sites; no collective at world size 1."""
-    if not norms:
-        return
-    emas = {norm.ema for norm in norms}
-    if len(emas) != 1:
-        raise ValueError(f"DerfEMA sites with different ema values {sorted(emas)}: expected one NORM_EMA")
-    stats = all_reduce_mean(torch.stack([norm.scale_stats for norm in norms]))
-    sigma_hat = torch.cat([norm.sigma_hat for norm in norms])
-    batch_rms = (stats[:, 0] / stats[:, 1].clamp_min(1)).sqrt()
-    moved = torch.where(stats[:, 1] > 0, ema_blend_scale(sigma_hat, batch_rms, emas.pop()), sigma_hat)
-    torch._foreach_copy_([norm.sigma_hat for norm in norms], list(moved.split(1)))
-    torch._foreach_zero_([norm.scale_stats for norm in norms])
 
 
 def make_norm(config: ModelConfig) -> Norm:
@@ -2009,6 +2021,7 @@ class GPT(nn.Module):
 
 # ---- data ----
 
+
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
@@ -2224,7 +2237,7 @@ def load_val_sequences(files: list[str], val_tokens: int, sequence_tokens: int, 
     return torch.from_numpy(np.stack([stream[s:s + sequence_tokens + 1] for s in starts]).astype(np.int32))
 
 
-# ---- training loop ----
+# ---- the step: schedule, diagnostics, one optimizer step, validation, warmup ----
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters) -> list[LoopOptimizer]:
@@ -2259,29 +2272,6 @@ def schedule_phase(step: int, hp: Hyperparameters) -> tuple[int, int]:
     return pick(hp.batch_schedule), pick(hp.long_windows)
 
 
-@dataclass
-class TrainState:
-    """Everything one training step touches."""
-
-    hp: Hyperparameters
-    model: GPT
-    step_model: nn.Module
-    optimizers: list[torch.optim.Optimizer]
-    loader: PackedLoader
-    val_sequences: Tensor  # this rank's validation sequences on the device: (n, T + 1) int32
-    geometry: BatchGeometry
-    device: torch.device
-    momo: Momo | None = None
-    diagnostics: Diagnostics | None = None
-    checkpointer: Checkpointer | None = None
-    # where the loop starts: 0, or a resumed checkpoint's step, train time and tokens seen
-    start_step: int = 0
-    start_train_ms: float = 0.0
-    start_tokens: int = 0
-    current_step: int = 0  # the loop's step, for the `stopped:` line of a run that ends on an exception
-    graphs_compiled: int = 0  # torch.compile's graphs so far: more at a validation than after warmup is a recompile
-
-
 def validates_at(step: int, hp: Hyperparameters) -> bool:
     """Whether the loop validates before training step `step`: at 0, every val_every steps and at the end."""
     return step in (0, hp.num_iterations) or bool(hp.val_every and step % hp.val_every == 0)
@@ -2291,361 +2281,6 @@ def diagnoses_at(step: int, hp: Hyperparameters) -> bool:
     """Whether DIAGNOSTICS=1 writes a diag line before training step `step`: at each validation and every
     diag_every steps."""
     return validates_at(step, hp) or bool(hp.diag_every and step % hp.diag_every == 0)
-
-
-def train_step(state: TrainState, step: int) -> Tensor:
-    """One optimizer step on one global batch. Returns this rank's mean train loss per token as a device scalar:
-    nothing here waits for the device (read_train_loss does, on the steps that log)."""
-    hp, model, geometry = state.hp, state.model, state.geometry
-    batch_tokens, window = schedule_phase(step, hp)
-    model.set_training_window(window)
-    chunk_tokens = geometry.chunk_tokens(batch_tokens)
-    chunks = state.loader.next_step(chunk_tokens, geometry.accum_steps)
-    stepping = [steps_now(opt, step, hp) for opt in state.optimizers]
-    loss_sum = torch.zeros((), device=state.device)
-    for m, chunk in enumerate(chunks):
-        chunk = chunk.to(state.device, non_blocking=True).long()
-        for optimizer, now in zip(state.optimizers, stepping):
-            optimizer.reduce_in_backward(now and m == len(chunks) - 1)  # the last backward before its step
-        loss = state.step_model(chunk[:-1], chunk[1:], "sum", hp.fp8)
-        # As #48: each chunk's summed loss / accumulation steps, averaged over ranks by the reduce-scatters, so the
-        # gradient is the mean over the step's chunks of each chunk's summed loss at every world size.
-        (loss / geometry.accum_steps).backward()
-        loss_sum += loss.detach()
-    # the gradient is the mean over chunks of each chunk's summed loss: chunk_tokens times the per-token mean's
-    set_schedule(state.optimizers, step, hp, grad_scale=chunk_tokens)
-    if state.diagnostics is not None:
-        state.diagnostics.before_step(step)
-    mean_loss = loss_sum / (len(chunks) * chunk_tokens)
-    if state.momo is not None:
-        state.momo.step([opt for opt, now in zip(state.optimizers, stepping) if now], mean_loss)
-    else:
-        for optimizer, now in zip(state.optimizers, stepping):
-            if now:
-                optimizer.step()
-    model.update_norm_scales()
-    if state.diagnostics is not None:
-        state.diagnostics.after_step()
-    return mean_loss
-
-
-def read_logged_values(loss: Tensor, stop: StopSignal | None = None, momo: Momo | None = None
-                       ) -> tuple[float, float | None]:
-    """What a logging step reads, in one all-reduce and one host read (the only host sync of a step): the mean train
-    loss over ranks, whether any rank was asked to stop (handed to `stop`), and Momo's last step scale.
-    Returns (train loss, Momo scale or None)."""
-    parts = [loss.detach().float().reshape(1)]
-    if stop is not None:  # made on the device from Python numbers: no host-to-device copy
-        parts.append(torch.full((len(STOP_SIGNALS),), 0.0, device=loss.device))
-        for i, signum in enumerate(STOP_SIGNALS):
-            if stop.signum == signum:
-                parts[-1][i] = 1.0
-    has_scale = momo is not None and momo.last_scale is not None
-    if has_scale:  # the same on every rank (Momo's scalars are all-reduced), so the mean is that value
-        parts.append(momo.last_scale.detach().float().reshape(1))
-    values = all_reduce_mean(torch.cat(parts)).tolist()  # a mean of 0/1 flags is > 0 when any rank was asked
-    if stop is not None:
-        stop.agree([signum for i, signum in enumerate(STOP_SIGNALS) if values[1 + i] > 0])
-    return values[0], values[-1] if has_scale else None
-
-
-def read_train_loss(loss: Tensor) -> float:
-    """The mean train loss per token over all ranks: a collective and a host sync, so only on the steps that log."""
-    return read_logged_values(loss)[0]
-
-
-@torch.no_grad()
-def evaluate(state: TrainState) -> float:
-    """Mean cross-entropy per token over the validation sequences of all ranks."""
-    model = state.model
-    model.eval()
-    totals = torch.zeros(2, device=state.device, dtype=torch.float64)
-    for sequence in state.val_sequences:
-        totals[0] += state.step_model(sequence[:-1].long(), sequence[1:].long(), "sum").double()
-        totals[1] += sequence.size(0) - 1
-    model.train()
-    all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def validation_windows(hp: Hyperparameters) -> list[tuple[int, int]]:
-    """The distinct (short, long) windows of every validation of a run, in order (the last one is the final's)."""
-    windows = []
-    for step in range(hp.num_iterations):
-        if validates_at(step, hp):
-            long_window = schedule_phase(step, hp)[1]
-            windows.append(window_pair(long_window))
-    last_long = schedule_phase(hp.num_iterations - 1, hp)[1]
-    windows.append((window_pair(last_long)[0], hp.final_window))  # the final validation: short stays
-    return list(dict.fromkeys(windows))
-
-
-def compiled_graphs() -> int:
-    """How many graphs torch.compile has built in this process so far (a rise after warmup is a recompile)."""
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
-
-
-def warmup(state: TrainState) -> None:
-    """Compiles every shape the run will see, then restores the initial model, optimizer and data state, so the
-    clock starts on a model that has seen nothing: two steps in every schedule phase (the Adam groups step on
-    every second one), and one validation forward for each window that a validation will use."""
-    hp = state.hp
-    model_state = copy.deepcopy(state.model.state_dict())
-    optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in state.optimizers]
-    phase_steps: dict[tuple[int, int], list[int]] = {}
-    for step in range(hp.num_iterations):
-        steps = phase_steps.setdefault(schedule_phase(step, hp), [])
-        if len(steps) < 2:
-            steps.append(step)
-    for steps in phase_steps.values():
-        for step in steps:
-            train_step(state, step)
-    sequence = state.val_sequences[0]
-    state.model.eval()
-    with torch.no_grad():
-        for windows in validation_windows(hp):
-            state.model.windows = windows
-            state.step_model(sequence[:-1].long(), sequence[1:].long(), "sum")
-    state.model.train()
-    state.model.load_state_dict(model_state)
-    for optimizer, saved in zip(state.optimizers, optimizer_states):
-        optimizer.load_state_dict(saved)
-    for p in state.model.parameters():
-        p.grad = None
-    state.model.reset_schedule_state()
-    state.loader.reset()
-    if state.momo is not None:
-        state.momo.reset()
-
-
-def format_duration(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-class TrainClock:
-    """train_time in ms, as #48 counts it: it runs during training steps and stops (after a device sync) while the
-    loop validates, writes diagnostics or saves a checkpoint."""
-
-    def __init__(self, device: torch.device, start_ms: float):
-        self.device, self.banked_ms = device, start_ms
-        synchronize(device)
-        self.started = time.perf_counter()
-
-    def ms(self) -> float:
-        return self.banked_ms + 1000 * (time.perf_counter() - self.started)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[float]:
-        """Stops the clock for the body, which gets the train time so far; restarts it after a device sync."""
-        synchronize(self.device)  # queued training work belongs to the time before the pause
-        self.banked_ms = self.ms()
-        yield self.banked_ms
-        synchronize(self.device)  # the body's queued work (a validation) is not train time
-        self.started = time.perf_counter()
-
-
-def validate_and_diagnose(state: TrainState, log: RunLog, step: int, train_ms: float) -> float | None:
-    """What the loop does before step `step` with the clock paused: the validation (its `val_loss:` line) and the
-    DIAGNOSTICS=1 `diag:` line, where they fall. Returns the val loss, or None when this step does not validate."""
-    hp = state.hp
-    val_loss = None
-    if validates_at(step, hp):
-        val_loss = evaluate(state)
-        log.line(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
-                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
-    if state.diagnostics is not None and diagnoses_at(step, hp):
-        diag_tokens = state.geometry.chunk_tokens(hp.batch_schedule[0])  # the first phase's chunk: one shape
-        record = state.diagnostics.collect(step, state.val_sequences[0][:diag_tokens + 1])
-        log.line("diag: " + json.dumps(record), console=False)
-    if val_loss is not None and hp.compile and compiled_graphs() > state.graphs_compiled:
-        log.line(f"warning: {compiled_graphs() - state.graphs_compiled} graph(s) compiled after warmup "
-                 f"(step {step}): a shape or window that warmup did not cover; the timing includes it")
-        state.graphs_compiled = compiled_graphs()
-    return val_loss
-
-
-def save_on_stop(state: TrainState, log: RunLog, step: int, train_ms: float, tokens: int) -> None:
-    """A stop keeps the work done so far: a checkpoint at `step` when SAVE_CHECKPOINT=1 and the step ends a whole
-    optimizer cycle, else a line that says which checkpoint is the newest."""
-    checkpointer = state.checkpointer
-    if checkpointer is None or step <= checkpointer.last_saved:
-        return
-    if checkpointer.can_save_at(step):
-        synchronize(state.device)
-        checkpointer.save(state, step, train_ms, tokens, log)
-        return
-    newest = f"the newest is step {checkpointer.last_saved}" if checkpointer.last_saved else "none was saved"
-    log.line(f"checkpoint: none at step {step} (Adam holds gradients of an unfinished ADAM_STEP_EVERY="
-             f"{state.hp.adam_step_every} cycle); {newest}")
-
-
-def log_step(log: RunLog, step: int, steps: int, elapsed_ms: float, tokens_seen: int, train_loss: float | None,
-             momo_scale: float | None) -> None:
-    """#48's `step:i/N [train_loss:..] train_time:.. step_avg:..` line after training step i - 1; on the console
-    only when the loss was read, with tokens/s and the ETA."""
-    loss_text = f" train_loss:{train_loss:.4f}" if train_loss is not None else ""
-    # the step size Momo chose, as a fraction of the scheduled lr (1: not truncated)
-    extra = f" momo_scale:{momo_scale:.4f}" if momo_scale is not None else ""
-    rate = tokens_seen / (elapsed_ms / 1000)
-    eta = (steps - step) * elapsed_ms / step / 1000
-    log.line(f"step:{step}/{steps}{loss_text} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms{extra}",
-             console=train_loss is not None, console_suffix=f"  ({rate:,.0f} tok/s, eta {format_duration(eta)})")
-
-
-def train(state: TrainState, log: RunLog, stop: StopSignal | None = None) -> int:
-    """The speedrun loop: validate at step 0, every val_every steps and at the end; train_time excludes
-    validation. Every step writes #48's step line; every train_log_every steps the loss is read (the only host
-    sync of a step). Returns the exit code (1 when the loss stops being finite, 2 on a bad train shard,
-    128 + signal when `stop` was signalled)."""
-    hp, steps = state.hp, state.hp.num_iterations
-    if state.diagnostics is None and hp.diagnostics and rank() == 0:  # a resumed run has its saved one
-        state.diagnostics = Diagnostics(state.model, hp)
-    state.graphs_compiled = compiled_graphs()
-    tokens_seen, last_finite, val_loss = state.start_tokens, float("nan"), float("nan")
-    clock = TrainClock(state.device, state.start_train_ms)
-    for step in range(state.start_step, steps + 1):
-        state.current_step = step
-        if stop is not None and stop.agreed():
-            save_on_stop(state, log, step, clock.ms(), tokens_seen)
-            return stop.end_run(log, step, last_finite)
-        if state.checkpointer is not None and state.checkpointer.due(step):
-            with clock.paused() as train_ms:  # saving is not train time
-                state.checkpointer.save(state, step, train_ms, tokens_seen, log)
-        if step == steps:
-            state.model.set_final_windows(hp.final_window)
-        else:  # as #48: a validation sees this step's training window
-            state.model.set_training_window(schedule_phase(step, hp)[1])
-        if validates_at(step, hp) or (state.diagnostics is not None and diagnoses_at(step, hp)):
-            with clock.paused() as train_ms:  # neither counts as train time
-                measured = validate_and_diagnose(state, log, step, train_ms)
-            if measured is not None:
-                val_loss = measured
-                if not math.isfinite(val_loss):
-                    return stop_nonfinite(log, step, "val_loss", last_finite)
-        if step == steps:
-            break
-        try:
-            loss = train_step(state, step)
-        except ShardError as error:  # a train shard the loader read in the background
-            return stop_on_data_error(log, step, error, last_finite)
-        tokens_seen += schedule_phase(step, hp)[0]
-        reads_loss = (step + 1) % hp.train_log_every == 0 or step + 1 == steps
-        train_loss, momo_scale = read_logged_values(loss, stop, state.momo) if reads_loss else (None, None)
-        if train_loss is not None and not math.isfinite(train_loss):
-            return stop_nonfinite(log, step + 1, "train_loss", last_finite)
-        last_finite = train_loss if train_loss is not None else last_finite
-        log_step(log, step + 1, steps, clock.ms(), tokens_seen, train_loss, momo_scale)
-    log.line(peak_memory_line(state.device))
-    train_ms = clock.banked_ms  # paused at the final validation
-    log.line("final: " + json.dumps({"val_loss": round(val_loss, 6), "step": steps, "num_iterations": steps,
-                                     "train_time_ms": round(train_ms, 1), "step_avg_ms": round(train_ms / steps, 2),
-                                     "tokens": tokens_seen, "status": "complete"}))
-    return 0
-
-
-def stop_nonfinite(log: RunLog, step: int, which: str, last_finite: float) -> int:
-    log.stopped(f"non-finite {which}", step, last_finite)
-    return 1
-
-
-# ---- logging ----
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def check_log_dir(log_dir: str) -> None:
-    """ConfigError unless LOG_DIR is, or can be made as, a writable folder: checked before any work, writing
-    nothing (RunLog makes the folder)."""
-    path = Path(log_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())  # exists() is False under a regular file
-    if not existing.is_dir():
-        raise ConfigError(f"LOG_DIR={log_dir}: {existing} is a file, not a folder; point LOG_DIR at a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"LOG_DIR={log_dir}: cannot write in {existing}; point LOG_DIR at a folder you can write")
-
-
-def hp_as_dict(hp: Hyperparameters) -> dict:
-    """The hyperparameters as JSON-ready values (tuples as lists): the log's config line and a checkpoint's."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
-
-
-def run_name(hp: Hyperparameters) -> str:
-    """<UTC timestamp>_<tag>_<run id>: the log file's name without .txt."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}_{hp.run_tag or hp.preset}_{uuid.uuid4().hex[:8]}"
-
-
-def agreed_run_name(hp: Hyperparameters) -> str:
-    """Rank 0's run_name on every rank."""
-    names = [run_name(hp) if rank() == 0 else ""]
-    if world_size() > 1:
-        dist.broadcast_object_list(names, src=0)
-    return names[0]
-
-
-class RunLog:
-    """Rank 0's log file logs/<UTC timestamp>_<tag>_<run id>.txt, flushed each line; other ranks write nothing.
-
-    Opens with this file's source and a line of '=' (the speedrun convention), then `config: {json}`.
-    """
-
-    def __init__(self, hp: Hyperparameters, launch: Launch, device: torch.device, name: str | None = None):
-        self.enabled = launch.rank == 0
-        self.file = None
-        self.name = name or run_name(hp)  # every rank knows it (the default checkpoint folder is named after it)
-        if not self.enabled:
-            return
-        Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(hp.log_dir) / f"{self.name}.txt"
-        self.file = open(self.path, "x")
-        self.file.write(Path(__file__).read_text() + "\n" + "=" * 100 + "\n")
-        config = hp_as_dict(hp)
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        config.update(world_size=launch.world_size, device=device_name, torch_version=torch.__version__,
-                      python_version=sys.version.split()[0], git_commit=git_commit())
-        self.line("config: " + json.dumps(config), console=False)
-        print(f"logging to {self.path}", flush=True)
-
-    def line(self, text: str, console: bool = True, console_suffix: str = "") -> None:
-        if not self.enabled:
-            return
-        self.file.write(text + "\n")
-        self.file.flush()
-        if console:
-            print(text + console_suffix, flush=True)
-
-    def stopped(self, reason: str, step: int, last_finite_loss: float) -> None:
-        """The last line of a run that did not finish (records/validate.py leaves such a run out, with the reason):
-        why, the steps done, and the last finite train loss logged."""
-        self.line("stopped: " + json.dumps({"reason": reason, "step": step, "last_finite_loss":
-                                            last_finite_loss if math.isfinite(last_finite_loss) else None}))
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def peak_memory_line(device: torch.device) -> str:
-    """The speedrun's memory line; on CPU both figures are the process's peak resident set size."""
-    if device.type == "cuda":
-        allocated = torch.cuda.max_memory_allocated(device) // 2**20
-        reserved = torch.cuda.max_memory_reserved(device) // 2**20
-    else:
-        allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    return f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB"
 
 
 SPECTRAL_POWER_ITERATIONS = 8  # warm-started from the previous validation's vector, so a few suffice
@@ -2769,7 +2404,230 @@ class Diagnostics:
         return record
 
 
+@dataclass
+class TrainState:
+    """Everything one training step touches."""
+
+    hp: Hyperparameters
+    model: GPT
+    step_model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    loader: PackedLoader
+    val_sequences: Tensor  # this rank's validation sequences on the device: (n, T + 1) int32
+    geometry: BatchGeometry
+    device: torch.device
+    momo: Momo | None = None
+    diagnostics: Diagnostics | None = None
+    # where the loop starts: 0, or a resumed checkpoint's step, train time and tokens seen
+    start_step: int = 0
+    start_train_ms: float = 0.0
+    start_tokens: int = 0
+    current_step: int = 0  # the loop's step, for the `stopped:` line of a run that ends on an exception
+    graphs_compiled: int = 0  # torch.compile's graphs so far: more at a validation than after warmup is a recompile
+
+
+def train_step(state: TrainState, step: int) -> Tensor:
+    """One optimizer step on one global batch. Returns this rank's mean train loss per token as a device scalar:
+    nothing here waits for the device (read_train_loss does, on the steps that log)."""
+    hp, model, geometry = state.hp, state.model, state.geometry
+    batch_tokens, window = schedule_phase(step, hp)
+    model.set_training_window(window)
+    chunk_tokens = geometry.chunk_tokens(batch_tokens)
+    chunks = state.loader.next_step(chunk_tokens, geometry.accum_steps)
+    stepping = [steps_now(opt, step, hp) for opt in state.optimizers]
+    loss_sum = torch.zeros((), device=state.device)
+    for m, chunk in enumerate(chunks):
+        chunk = chunk.to(state.device, non_blocking=True).long()
+        for optimizer, now in zip(state.optimizers, stepping):
+            optimizer.reduce_in_backward(now and m == len(chunks) - 1)  # the last backward before its step
+        loss = state.step_model(chunk[:-1], chunk[1:], "sum", hp.fp8)
+        # As #48: each chunk's summed loss / accumulation steps, averaged over ranks by the reduce-scatters, so the
+        # gradient is the mean over the step's chunks of each chunk's summed loss at every world size.
+        (loss / geometry.accum_steps).backward()
+        loss_sum += loss.detach()
+    # the gradient is the mean over chunks of each chunk's summed loss: chunk_tokens times the per-token mean's
+    set_schedule(state.optimizers, step, hp, grad_scale=chunk_tokens)
+    if state.diagnostics is not None:
+        state.diagnostics.before_step(step)
+    mean_loss = loss_sum / (len(chunks) * chunk_tokens)
+    if state.momo is not None:
+        state.momo.step([opt for opt, now in zip(state.optimizers, stepping) if now], mean_loss)
+    else:
+        for optimizer, now in zip(state.optimizers, stepping):
+            if now:
+                optimizer.step()
+    model.update_norm_scales()
+    if state.diagnostics is not None:
+        state.diagnostics.after_step()
+    return mean_loss
+
+
+@torch.no_grad()
+def evaluate(state: TrainState) -> float:
+    """Mean cross-entropy per token over the validation sequences of all ranks."""
+    model = state.model
+    model.eval()
+    totals = torch.zeros(2, device=state.device, dtype=torch.float64)
+    for sequence in state.val_sequences:
+        totals[0] += state.step_model(sequence[:-1].long(), sequence[1:].long(), "sum").double()
+        totals[1] += sequence.size(0) - 1
+    model.train()
+    all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def validation_windows(hp: Hyperparameters) -> list[tuple[int, int]]:
+    """The distinct (short, long) windows of every validation of a run, in order (the last one is the final's)."""
+    windows = []
+    for step in range(hp.num_iterations):
+        if validates_at(step, hp):
+            long_window = schedule_phase(step, hp)[1]
+            windows.append(window_pair(long_window))
+    last_long = schedule_phase(hp.num_iterations - 1, hp)[1]
+    windows.append((window_pair(last_long)[0], hp.final_window))  # the final validation: short stays
+    return list(dict.fromkeys(windows))
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built in this process so far (a rise after warmup is a recompile)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warmup(state: TrainState) -> None:
+    """Compiles every shape the run will see, then restores the initial model, optimizer and data state, so the
+    clock starts on a model that has seen nothing: two steps in every schedule phase (the Adam groups step on
+    every second one), and one validation forward for each window that a validation will use."""
+    hp = state.hp
+    model_state = copy.deepcopy(state.model.state_dict())
+    optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in state.optimizers]
+    phase_steps: dict[tuple[int, int], list[int]] = {}
+    for step in range(hp.num_iterations):
+        steps = phase_steps.setdefault(schedule_phase(step, hp), [])
+        if len(steps) < 2:
+            steps.append(step)
+    for steps in phase_steps.values():
+        for step in steps:
+            train_step(state, step)
+    sequence = state.val_sequences[0]
+    state.model.eval()
+    with torch.no_grad():
+        for windows in validation_windows(hp):
+            state.model.windows = windows
+            state.step_model(sequence[:-1].long(), sequence[1:].long(), "sum")
+    state.model.train()
+    state.model.load_state_dict(model_state)
+    for optimizer, saved in zip(state.optimizers, optimizer_states):
+        optimizer.load_state_dict(saved)
+    for p in state.model.parameters():
+        p.grad = None
+    state.model.reset_schedule_state()
+    state.loader.reset()
+    if state.momo is not None:
+        state.momo.reset()
+
+
+# ---- logging ----
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_log_dir(log_dir: str) -> None:
+    """ConfigError unless LOG_DIR is, or can be made as, a writable folder: checked before any work, writing
+    nothing (RunLog makes the folder)."""
+    path = Path(log_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())  # exists() is False under a regular file
+    if not existing.is_dir():
+        raise ConfigError(f"LOG_DIR={log_dir}: {existing} is a file, not a folder; point LOG_DIR at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"LOG_DIR={log_dir}: cannot write in {existing}; point LOG_DIR at a folder you can write")
+
+
+def hp_as_dict(hp: Hyperparameters) -> dict:
+    """The hyperparameters as JSON-ready values (tuples as lists): the log's config line and a checkpoint's."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}
+
+
+def run_name(hp: Hyperparameters) -> str:
+    """<UTC timestamp>_<tag>_<run id>: the log file's name without .txt."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}_{hp.run_tag or hp.preset}_{uuid.uuid4().hex[:8]}"
+
+
+def agreed_run_name(hp: Hyperparameters) -> str:
+    """Rank 0's run_name on every rank."""
+    names = [run_name(hp) if rank() == 0 else ""]
+    if world_size() > 1:
+        dist.broadcast_object_list(names, src=0)
+    return names[0]
+
+
+class RunLog:
+    """Rank 0's log file logs/<UTC timestamp>_<tag>_<run id>.txt, flushed each line; other ranks write nothing.
+
+    Opens with this file's source and a line of '=' (the speedrun convention), then `config: {json}`.
+    """
+
+    def __init__(self, hp: Hyperparameters, launch: Launch, device: torch.device, name: str | None = None):
+        self.enabled = launch.rank == 0
+        self.file = None
+        self.name = name or run_name(hp)  # every rank knows it (the default checkpoint folder is named after it)
+        if not self.enabled:
+            return
+        Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(hp.log_dir) / f"{self.name}.txt"
+        self.file = open(self.path, "x")
+        self.file.write(Path(__file__).read_text() + "\n" + "=" * 100 + "\n")
+        config = hp_as_dict(hp)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        config.update(world_size=launch.world_size, device=device_name, torch_version=torch.__version__,
+                      python_version=sys.version.split()[0], git_commit=git_commit())
+        self.line("config: " + json.dumps(config), console=False)
+        print(f"logging to {self.path}", flush=True)
+
+    def line(self, text: str, console: bool = True, console_suffix: str = "") -> None:
+        if not self.enabled:
+            return
+        self.file.write(text + "\n")
+        self.file.flush()
+        if console:
+            print(text + console_suffix, flush=True)
+
+    def stopped(self, reason: str, step: int, last_finite_loss: float) -> None:
+        """The last line of a run that did not finish (records/validate.py leaves such a run out, with the reason):
+        why, the steps done, and the last finite train loss logged."""
+        self.line("stopped: " + json.dumps({"reason": reason, "step": step, "last_finite_loss":
+                                            last_finite_loss if math.isfinite(last_finite_loss) else None}))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def peak_memory_line(device: torch.device) -> str:
+    """The speedrun's memory line; on CPU both figures are the process's peak resident set size."""
+    if device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(device) // 2**20
+        reserved = torch.cuda.max_memory_reserved(device) // 2**20
+    else:
+        allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB"
+
+
 # ---- checkpoints ----
+
 
 CHECKPOINT_META = "meta.json"  # written last, by rank 0: a step folder without it is an unfinished checkpoint
 # Hyperparameters a resumed run may set differently: where things go and how often they are logged or saved. Any
@@ -3175,10 +3033,6 @@ def _parse_value(name: str, raw: str, kind: object) -> object:
         fail(f"a comma-separated list of {item.__name__}s")
 
 
-def env_name(field_name: str) -> str:
-    return field_name.upper()
-
-
 def _check_field(f: dataclasses.Field, value: object) -> None:
     name = env_name(f.name)
     choices = f.metadata.get("choices")
@@ -3249,42 +3103,6 @@ def check_flag_names(environ: Mapping[str, str]) -> None:
         problems.append(f"{setting}: {kind}; did you mean {close}?{hint}")
     if problems:
         raise ConfigError("; ".join(problems))
-
-
-@dataclass(frozen=True)
-class Launch:
-    """Where this process sits in the job, from torchrun's env (a plain `python train_gpt.py` is rank 0 of 1)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-
-def parse_env(environ: Mapping[str, str], cuda_available: bool | None = None) -> tuple[Hyperparameters, Launch]:
-    """The one place that reads the environment: hyperparameter overrides and torchrun's RANK/WORLD_SIZE."""
-    check_flag_names(environ)
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    hints = typing.get_type_hints(Hyperparameters)
-    by_name = {f.name: f for f in dataclasses.fields(Hyperparameters)}
-    preset = environ.get("PRESET", "speedrun" if cuda_available else "cpu").strip()
-    _check_field(by_name["preset"], preset)
-    values: dict[str, object] = {**PRESETS[preset], "preset": preset}
-    overrides = {name: _parse_value(env_name(name), environ[env_name(name)], hints[name]) for name in by_name
-                 if env_name(name) in environ and name != "preset"}
-    # the optimizer's own defaults (OptimizerEntry.defaults) go over the preset's and under the env's; an unknown
-    # OPTIMIZER brings none and is refused below with the other fields' checks
-    optimizer = overrides.get("optimizer", values.get("optimizer", by_name["optimizer"].default))
-    values.update(OPTIMIZERS[optimizer].defaults if optimizer in OPTIMIZERS else {})
-    values.update(overrides)
-    hp = Hyperparameters(**values)
-    for f in dataclasses.fields(hp):
-        _check_field(f, getattr(hp, f.name))
-    launch = Launch(*(_parse_launch(environ, key, default) for key, default in
-                      (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
-    check_launch(environ, launch)
-    check_consistency(hp, launch.world_size)
-    return hp, launch
 
 
 def _parse_launch(environ: Mapping[str, str], key: str, default: int) -> int:
@@ -3369,6 +3187,33 @@ def check_consistency(hp: Hyperparameters, world_size: int) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def parse_env(environ: Mapping[str, str], cuda_available: bool | None = None) -> tuple[Hyperparameters, Launch]:
+    """The one place that reads the environment: hyperparameter overrides and torchrun's RANK/WORLD_SIZE."""
+    check_flag_names(environ)
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    hints = typing.get_type_hints(Hyperparameters)
+    by_name = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+    preset = environ.get("PRESET", "speedrun" if cuda_available else "cpu").strip()
+    _check_field(by_name["preset"], preset)
+    values: dict[str, object] = {**PRESETS[preset], "preset": preset}
+    overrides = {name: _parse_value(env_name(name), environ[env_name(name)], hints[name]) for name in by_name
+                 if env_name(name) in environ and name != "preset"}
+    # the optimizer's own defaults (OptimizerEntry.defaults) go over the preset's and under the env's; an unknown
+    # OPTIMIZER brings none and is refused below with the other fields' checks
+    optimizer = overrides.get("optimizer", values.get("optimizer", by_name["optimizer"].default))
+    values.update(OPTIMIZERS[optimizer].defaults if optimizer in OPTIMIZERS else {})
+    values.update(overrides)
+    hp = Hyperparameters(**values)
+    for f in dataclasses.fields(hp):
+        _check_field(f, getattr(hp, f.name))
+    launch = Launch(*(_parse_launch(environ, key, default) for key, default in
+                      (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
+    check_launch(environ, launch)
+    check_consistency(hp, launch.world_size)
+    return hp, launch
+
+
 def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
     """Fills the `auto` (None) fields from the hardware: FP8 on sm90+, compile on CUDA."""
     on_cuda = device.type == "cuda"
@@ -3402,7 +3247,7 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-# ---- main ----
+# ---- stop signals ----
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -3461,12 +3306,189 @@ class StopSignal:
         return 128 + self.signum
 
 
+# ---- the loop ----
+
+
+def read_logged_values(loss: Tensor, stop: StopSignal | None = None, momo: Momo | None = None
+                       ) -> tuple[float, float | None]:
+    """What a logging step reads, in one all-reduce and one host read (the only host sync of a step): the mean train
+    loss over ranks, whether any rank was asked to stop (handed to `stop`), and Momo's last step scale.
+    Returns (train loss, Momo scale or None)."""
+    parts = [loss.detach().float().reshape(1)]
+    if stop is not None:  # made on the device from Python numbers: no host-to-device copy
+        parts.append(torch.full((len(STOP_SIGNALS),), 0.0, device=loss.device))
+        for i, signum in enumerate(STOP_SIGNALS):
+            if stop.signum == signum:
+                parts[-1][i] = 1.0
+    has_scale = momo is not None and momo.last_scale is not None
+    if has_scale:  # the same on every rank (Momo's scalars are all-reduced), so the mean is that value
+        parts.append(momo.last_scale.detach().float().reshape(1))
+    values = all_reduce_mean(torch.cat(parts)).tolist()  # a mean of 0/1 flags is > 0 when any rank was asked
+    if stop is not None:
+        stop.agree([signum for i, signum in enumerate(STOP_SIGNALS) if values[1 + i] > 0])
+    return values[0], values[-1] if has_scale else None
+
+
+def read_train_loss(loss: Tensor) -> float:
+    """The mean train loss per token over all ranks: a collective and a host sync, so only on the steps that log."""
+    return read_logged_values(loss)[0]
+
+
+def format_duration(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+class TrainClock:
+    """train_time in ms, as #48 counts it: it runs during training steps and stops (after a device sync) while the
+    loop validates, writes diagnostics or saves a checkpoint."""
+
+    def __init__(self, device: torch.device, start_ms: float):
+        self.device, self.banked_ms = device, start_ms
+        synchronize(device)
+        self.started = time.perf_counter()
+
+    def ms(self) -> float:
+        return self.banked_ms + 1000 * (time.perf_counter() - self.started)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[float]:
+        """Stops the clock for the body, which gets the train time so far; restarts it after a device sync."""
+        synchronize(self.device)  # queued training work belongs to the time before the pause
+        self.banked_ms = self.ms()
+        yield self.banked_ms
+        synchronize(self.device)  # the body's queued work (a validation) is not train time
+        self.started = time.perf_counter()
+
+
+def validate_and_diagnose(state: TrainState, log: RunLog, step: int, train_ms: float) -> float | None:
+    """What the loop does before step `step` with the clock paused: the validation (its `val_loss:` line) and the
+    DIAGNOSTICS=1 `diag:` line, where they fall. Returns the val loss, or None when this step does not validate."""
+    hp = state.hp
+    val_loss = None
+    if validates_at(step, hp):
+        val_loss = evaluate(state)
+        log.line(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
+                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
+    if state.diagnostics is not None and diagnoses_at(step, hp):
+        diag_tokens = state.geometry.chunk_tokens(hp.batch_schedule[0])  # the first phase's chunk: one shape
+        record = state.diagnostics.collect(step, state.val_sequences[0][:diag_tokens + 1])
+        log.line("diag: " + json.dumps(record), console=False)
+    if val_loss is not None and hp.compile and compiled_graphs() > state.graphs_compiled:
+        log.line(f"warning: {compiled_graphs() - state.graphs_compiled} graph(s) compiled after warmup "
+                 f"(step {step}): a shape or window that warmup did not cover; the timing includes it")
+        state.graphs_compiled = compiled_graphs()
+    return val_loss
+
+
+def log_step(log: RunLog, step: int, steps: int, elapsed_ms: float, tokens_seen: int, train_loss: float | None,
+             momo_scale: float | None) -> None:
+    """#48's `step:i/N [train_loss:..] train_time:.. step_avg:..` line after training step i - 1; on the console
+    only when the loss was read, with tokens/s and the ETA."""
+    loss_text = f" train_loss:{train_loss:.4f}" if train_loss is not None else ""
+    # the step size Momo chose, as a fraction of the scheduled lr (1: not truncated)
+    extra = f" momo_scale:{momo_scale:.4f}" if momo_scale is not None else ""
+    rate = tokens_seen / (elapsed_ms / 1000)
+    eta = (steps - step) * elapsed_ms / step / 1000
+    log.line(f"step:{step}/{steps}{loss_text} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms{extra}",
+             console=train_loss is not None, console_suffix=f"  ({rate:,.0f} tok/s, eta {format_duration(eta)})")
+
+
+def stop_nonfinite(log: RunLog, step: int, which: str, last_finite: float) -> int:
+    log.stopped(f"non-finite {which}", step, last_finite)
+    return 1
+
+
 def stop_on_data_error(log: RunLog, step: int, error: ShardError, last_finite_loss: float) -> int:
     """A train shard read in the background turned out bad: every rank reads every shard in the same order, so
     every rank stops here at the same step, with exit code 2 as for any data error found at setup."""
     print(f"error: {error}", file=sys.stderr)
     log.stopped(f"data error: {error}", step, last_finite_loss)
     return 2
+
+
+class LoopRun:
+    """What train() carries from step to step besides TrainState: the log, the stop signal and the checkpointer
+    around the run (each may be absent), the train clock, the tokens seen and the last finite train loss."""
+
+    def __init__(self, state: TrainState, log: RunLog, stop: StopSignal | None, checkpointer: Checkpointer | None):
+        self.log, self.stop, self.checkpointer = log, stop, checkpointer
+        self.clock = TrainClock(state.device, state.start_train_ms)
+        self.tokens_seen, self.last_finite = state.start_tokens, float("nan")
+
+    def stop_here(self, state: TrainState, step: int) -> int | None:
+        """Before step `step`: when a stop signal was agreed, keeps the work done so far (a checkpoint at `step` when
+        SAVE_CHECKPOINT=1 and the step ends a whole optimizer cycle, else a line naming the newest) and returns the
+        exit code; else None."""
+        if self.stop is None or not self.stop.agreed():
+            return None
+        checkpointer = self.checkpointer
+        if checkpointer is not None and step > checkpointer.last_saved:
+            if checkpointer.can_save_at(step):
+                synchronize(state.device)
+                checkpointer.save(state, step, self.clock.ms(), self.tokens_seen, self.log)
+            else:
+                newest = (f"the newest is step {checkpointer.last_saved}" if checkpointer.last_saved
+                          else "none was saved")
+                self.log.line(f"checkpoint: none at step {step} (Adam holds gradients of an unfinished "
+                              f"ADAM_STEP_EVERY={state.hp.adam_step_every} cycle); {newest}")
+        return self.stop.end_run(self.log, step, self.last_finite)
+
+    def save_if_due(self, state: TrainState, step: int) -> None:
+        """The CHECKPOINT_EVERY and final checkpoints, with the clock paused (saving is not train time)."""
+        if self.checkpointer is not None and self.checkpointer.due(step):
+            with self.clock.paused() as train_ms:
+                self.checkpointer.save(state, step, train_ms, self.tokens_seen, self.log)
+
+
+def train(state: TrainState, log: RunLog, stop: StopSignal | None = None, checkpointer: Checkpointer | None = None
+          ) -> int:
+    """The speedrun loop: validate at step 0, every val_every steps and at the end; train_time excludes
+    validation. Every step writes #48's step line; every train_log_every steps the loss is read (the only host
+    sync of a step). Returns the exit code (1 when the loss stops being finite, 2 on a bad train shard,
+    128 + signal when `stop` was signalled)."""
+    hp, steps = state.hp, state.hp.num_iterations
+    if state.diagnostics is None and hp.diagnostics and rank() == 0:  # a resumed run has its saved one
+        state.diagnostics = Diagnostics(state.model, hp)
+    state.graphs_compiled = compiled_graphs()
+    run, val_loss = LoopRun(state, log, stop, checkpointer), float("nan")
+    for step in range(state.start_step, steps + 1):
+        state.current_step = step
+        if (code := run.stop_here(state, step)) is not None:
+            return code
+        run.save_if_due(state, step)
+        if step == steps:
+            state.model.set_final_windows(hp.final_window)
+        else:  # as #48: a validation sees this step's training window
+            state.model.set_training_window(schedule_phase(step, hp)[1])
+        if validates_at(step, hp) or (state.diagnostics is not None and diagnoses_at(step, hp)):
+            with run.clock.paused() as train_ms:  # neither counts as train time
+                measured = validate_and_diagnose(state, log, step, train_ms)
+            if measured is not None:
+                val_loss = measured
+                if not math.isfinite(val_loss):
+                    return stop_nonfinite(log, step, "val_loss", run.last_finite)
+        if step == steps:
+            break
+        try:
+            loss = train_step(state, step)
+        except ShardError as error:  # a train shard the loader read in the background
+            return stop_on_data_error(log, step, error, run.last_finite)
+        run.tokens_seen += schedule_phase(step, hp)[0]
+        reads_loss = (step + 1) % hp.train_log_every == 0 or step + 1 == steps
+        train_loss, momo_scale = read_logged_values(loss, stop, state.momo) if reads_loss else (None, None)
+        if train_loss is not None and not math.isfinite(train_loss):
+            return stop_nonfinite(log, step + 1, "train_loss", run.last_finite)
+        run.last_finite = train_loss if train_loss is not None else run.last_finite
+        log_step(log, step + 1, steps, run.clock.ms(), run.tokens_seen, train_loss, momo_scale)
+    log.line(peak_memory_line(state.device))
+    train_ms = run.clock.banked_ms  # paused at the final validation
+    log.line("final: " + json.dumps({"val_loss": round(val_loss, 6), "step": steps, "num_iterations": steps,
+                                     "train_time_ms": round(train_ms, 1), "step_avg_ms": round(train_ms / steps, 2),
+                                     "tokens": run.tokens_seen, "status": "complete"}))
+    return 0
+
+
+# ---- main ----
 
 
 def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainState:
@@ -3547,9 +3569,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             log.line("resumed: " + json.dumps({"from_log": resume_meta["log"], "checkpoint": str(resume_from),
                                                "step": state.start_step, "load_s": round(time.perf_counter() - t0, 3)}))
-        if folder is not None:
-            state.checkpointer = Checkpointer(hp, folder, state.start_step)
-        return train(state, log, stop)
+        checkpointer = Checkpointer(hp, folder, state.start_step) if folder is not None else None
+        return train(state, log, stop, checkpointer)
     except ShardError as error:  # a train shard read in the background during warmup
         return stop_on_data_error(log, 0, error, float("nan"))
     except (Exception, checkpoint_exception()) as error:

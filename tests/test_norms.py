@@ -112,11 +112,11 @@ def test_ema_rule_is_exact_and_moves_only_on_update():
     with torch.no_grad():
         norm(torch.full((3, 8), 100.0))
     assert norm.sigma_hat.tolist() == [1.0] and norm.scale_stats.tolist() == [20.0, 2.0]
-    T.update_ema_scales([norm])
+    T.DerfEMA.update_running_scales([norm])
     expected = 0.9 * 1.0 + 0.1 * math.sqrt(10.0)
     assert norm.sigma_hat.item() == pytest.approx(expected, rel=1e-6)
     assert norm.scale_stats.tolist() == [0.0, 0.0]
-    T.update_ema_scales([norm])  # no forward since: unchanged
+    T.DerfEMA.update_running_scales([norm])  # no forward since: unchanged
     assert norm.sigma_hat.item() == pytest.approx(expected, rel=1e-6)
     assert T.ema_blend_scale(torch.tensor([2.0]), torch.tensor([4.0]), 0.75).item() == pytest.approx(2.5)
 
@@ -162,7 +162,7 @@ RANK_WORKER = textwrap.dedent("""
     for micro_batch in range(2):
         for site, norm in enumerate(norms):
             norm(torch.full((2, 4), value * (site + 1)))
-    T.update_ema_scales(norms)
+    T.DerfEMA.update_running_scales(norms)
     torch.save([n.sigma_hat.clone() for n in norms], {out!r} + f".{{launch.rank}}")
     T.dist.destroy_process_group()
 """)

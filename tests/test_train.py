@@ -339,13 +339,12 @@ def small_vocab_env(tmp_path: Path) -> dict[str, str]:
     return {**preset_env(data, tmp_path / "logs"), "VOCAB_SIZE": "512", "BOS_ID": "500"}
 
 
-def loop_state(env: dict, tmp_path: Path, **flags: str) -> tuple[T.TrainState, T.RunLog]:
-    """A test-preset state that saves checkpoints into tmp_path/checkpoints, and its log."""
+def loop_state(env: dict, tmp_path: Path, **flags: str) -> tuple[T.TrainState, T.RunLog, T.Checkpointer]:
+    """A test-preset state, its log, and a checkpointer that saves into tmp_path/checkpoints."""
     hp, launch = T.parse_env({**env, "SAVE_CHECKPOINT": "1", **flags}, False)
     device = torch.device("cpu")
     state = T.setup(T.resolve_auto(hp, device), launch, device)
-    state.checkpointer = T.Checkpointer(state.hp, tmp_path / "checkpoints", 0)
-    return state, T.RunLog(state.hp, launch, device)
+    return state, T.RunLog(state.hp, launch, device), T.Checkpointer(state.hp, tmp_path / "checkpoints", 0)
 
 
 def saves_counted(monkeypatch) -> list[int]:
@@ -365,8 +364,8 @@ def test_train_time_counts_only_the_steps_and_the_last_steps_loss_is_logged(smal
     checkpoint. Validations (steps 0, 2, 4, 5) and checkpoints (2, 4, 5) are paused time: every train_time logged
     is 1000 ms per step done, the final line's too. TRAIN_LOG_EVERY=2 does not divide the 5 steps: the loss is read
     and logged at steps 2, 4 and at the last one, 5."""
-    state, log = loop_state(small_vocab_env, tmp_path, NUM_ITERATIONS="5", VAL_EVERY="2", TRAIN_LOG_EVERY="2",
-                            CHECKPOINT_EVERY="2")
+    state, log, checkpointer = loop_state(small_vocab_env, tmp_path, NUM_ITERATIONS="5", VAL_EVERY="2",
+                                          TRAIN_LOG_EVERY="2", CHECKPOINT_EVERY="2")
     now = [0.0]
     clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
     clock.perf_counter = lambda: now[0]
@@ -379,7 +378,7 @@ def test_train_time_counts_only_the_steps_and_the_last_steps_loss_is_logged(smal
         monkeypatch.setattr(T, name, paced)
     real_save = T.Checkpointer.save
     monkeypatch.setattr(T.Checkpointer, "save", lambda *args: (now.__setitem__(0, now[0] + 1000.0), real_save(*args)))
-    assert T.train(state, log) == 0
+    assert T.train(state, log, checkpointer=checkpointer) == 0
     log.close()
     assert saved == [2, 4, 5]
     lines = log.path.read_text().splitlines()
@@ -398,7 +397,8 @@ def test_a_stop_at_a_saved_step_saves_once_and_loses_nothing(small_vocab_env, tm
     """SIGTERM during step 3 with CHECKPOINT_EVERY=2: the stop before step 4 saves step 4 once (the periodic save
     of that step does not come again) and ends there, exit 143. A run resumed from that checkpoint and stopped at
     once stops at step 4 without a second save over it (it holds nothing newer), the checkpoint left as it was."""
-    state, log = loop_state(small_vocab_env, tmp_path, NUM_ITERATIONS="8", VAL_EVERY="0", CHECKPOINT_EVERY="2")
+    state, log, checkpointer = loop_state(small_vocab_env, tmp_path, NUM_ITERATIONS="8", VAL_EVERY="0",
+                                          CHECKPOINT_EVERY="2")
     saved = saves_counted(monkeypatch)
     stop = T.StopSignal()
     real_step = T.train_step
@@ -410,7 +410,7 @@ def test_a_stop_at_a_saved_step_saves_once_and_loses_nothing(small_vocab_env, tm
         return loss
 
     monkeypatch.setattr(T, "train_step", step)
-    assert T.train(state, log, stop) == 128 + signal.SIGTERM
+    assert T.train(state, log, stop, checkpointer) == 128 + signal.SIGTERM
     log.close()
     assert saved == [2, 4]
     lines = log.path.read_text().splitlines()
@@ -419,12 +419,12 @@ def test_a_stop_at_a_saved_step_saves_once_and_loses_nothing(small_vocab_env, tm
     checkpoint = tmp_path / "checkpoints" / "step_000004"
     written = {path.name: path.stat().st_mtime_ns for path in checkpoint.iterdir()}
 
-    resumed, log = loop_state(small_vocab_env, tmp_path, NUM_ITERATIONS="8", VAL_EVERY="0", CHECKPOINT_EVERY="2")
+    resumed, log, _ = loop_state(small_vocab_env, tmp_path, NUM_ITERATIONS="8", VAL_EVERY="0", CHECKPOINT_EVERY="2")
     resumed.start_step, resumed.start_train_ms, resumed.start_tokens = T.load_checkpoint(resumed, checkpoint)
-    resumed.checkpointer = T.Checkpointer(resumed.hp, tmp_path / "checkpoints", resumed.start_step)
+    checkpointer = T.Checkpointer(resumed.hp, tmp_path / "checkpoints", resumed.start_step)
     stop = T.StopSignal()
     stop.signum = signal.SIGTERM  # before the first step of the resumed run
-    assert T.train(resumed, log, stop) == 128 + signal.SIGTERM
+    assert T.train(resumed, log, stop, checkpointer) == 128 + signal.SIGTERM
     log.close()
     assert saved == [2, 4]  # no save at all, and no line saying that none could be saved
     lines = log.path.read_text().splitlines()
