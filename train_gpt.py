@@ -87,10 +87,12 @@ def _hp(default, help: str, choices: Sequence[str] | Mapping[str, object] | None
     return field(default=default, metadata={"help": help, "choices": choices, "check": check, "rule": rule})
 
 
-# The swappable parts, name -> what builds it: NORMS (a Norm subclass) is filled in the norms section, OPTIMIZERS (an
-# OptimizerEntry) in the optimizers section. NORM's and OPTIMIZER's choices are these dicts themselves, so the flag
-# checks, their errors, --help and the factories all read them when flags are parsed: a script that registers one
-# more entry before calling main() has made it a valid value, with no other edit.
+# The swappable parts, name -> what builds it: ATTENTION (an Attention subclass) is filled in the kernels section,
+# NORMS (a Norm subclass) in the norms section, OPTIMIZERS (an OptimizerEntry) in the optimizers section. The flags'
+# choices are these dicts themselves, so the flag checks, their errors, --help and the factories all read them when
+# flags are parsed: a script that registers one more entry before calling main() has made it a valid value, with no
+# other edit.
+ATTENTION: dict[str, type[Attention]] = {}
 NORMS: dict[str, type[Norm]] = {}
 OPTIMIZERS: dict[str, OptimizerEntry] = {}
 
@@ -136,6 +138,7 @@ class ModelConfig:
     norm: str = "rmsnorm"
     norm_alpha: float = 0.5
     norm_ema: float = 0.9
+    attention: str | None = None  # an ATTENTION name; None (auto): flex on CUDA, dense elsewhere, per forward
 
 
 @dataclass
@@ -182,6 +185,9 @@ class Hyperparameters:
     extension_window: int = _hp(13, "long window in the extension steps", check=_positive)
     final_window: int = _hp(20, "long window for the final validation", check=_positive)
     fp8: bool | None = _hp(None, "FP8 lm_head matmul in training (auto: on with CUDA sm90+)")
+    attention: str | None = _hp(ModelConfig.attention, "attention kernel (auto: flex on CUDA, dense elsewhere; dense "
+                                "holds (T, T) scores: short sequences only; flex trains on CUDA only)",
+                                choices=ATTENTION)
     # data and schedule
     max_seq_len: int = _hp(2048, "longest piece of one document in a packed training chunk (longer ones are cut)",
                            check=_positive)
@@ -433,40 +439,80 @@ def raise_recompile_limit() -> None:
                                                            torch._dynamo.config.accumulated_recompile_limit)
 
 
+class Attention:
+    """The contract between the model and an attention kernel, written once. A new kernel is a subclass and one
+    ATTENTION line; ATTENTION=<name> picks it (auto: flex on CUDA, dense elsewhere).
+
+    - tile: a forward pads its sequence at the end to a multiple of this many tokens (GPT.forward).
+    - prepare(device): once in setup, before any forward (e.g. compiling the kernel).
+    - mask(docs, window_tokens): what attend takes for one window, from a packed sequence's document ids (T,):
+      query q sees key k iff q - window_tokens <= k <= q and both lie in one document.
+    - attend(q, k, v, mask, scale): q, k, v (1, T, H, D) -> (1, T, H, D).
+    """
+
+    tile = 1
+
+    @staticmethod
+    def prepare(device: torch.device) -> None:
+        pass
+
+
+class DenseAttention(Attention):
+    """ATTENTION=dense: a (T, T) boolean mask and dense_attention, on any device (the CPU's kernel: FlexAttention
+    has no backward there)."""
+
+    @staticmethod
+    def mask(docs: Tensor, window_tokens: int) -> Tensor:
+        return document_window_mask(docs, window_tokens)
+
+    @staticmethod
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+        return dense_attention(q, k, v, mask, scale)
+
+
 _flex_kernel: Callable | None = None
-
-
-def prepare_attention(device: torch.device) -> None:
-    """Creates the compiled FlexAttention once, in setup (CUDA only; CPU runs SDPA and needs nothing). Compiled
-    whatever COMPILE says: FlexAttention is only fast (and only fits in memory) as a compiled kernel."""
-    global _flex_kernel
-    if device.type == "cuda" and _flex_kernel is None:
-        from torch.nn.attention.flex_attention import flex_attention as flex
-        raise_recompile_limit()
-        _flex_kernel = torch.compile(flex, dynamic=False)
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
     """FlexAttention with a BlockMask from flex_block_mask. q, k, v: (1, T, H, D) -> (1, T, H, D). Uses the
-    compiled kernel from prepare_attention() when there is one, else the eager op (CPU tests: forward only)."""
+    compiled kernel from FlexAttention.prepare() when there is one, else the eager op (CPU tests: forward only)."""
     from torch.nn.attention.flex_attention import flex_attention as flex
     kernel = _flex_kernel or flex
     out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
     return out.transpose(1, 2)
 
 
-def attention_mask(docs: Tensor, window_tokens: int, use_flex: bool):
-    """The one place that picks the attention kernel's mask: a FlexAttention BlockMask on CUDA, a dense mask for
-    dense_attention elsewhere (FlexAttention has no backward on CPU). docs: (T,) document ids of one packed
-    sequence."""
-    return flex_block_mask(docs, window_tokens) if use_flex else document_window_mask(docs, window_tokens)
+class FlexAttention(Attention):
+    """ATTENTION=flex, CUDA's kernel (#48 runs flash attention; FlexAttention computes the same): a BlockMask from
+    flex_block_mask on whole FLEX_BLOCK tiles, and the FlexAttention kernel compiled once by prepare()."""
+
+    tile = FLEX_BLOCK
+
+    @staticmethod
+    def prepare(device: torch.device) -> None:
+        """Compiles FlexAttention once, whatever COMPILE says: it is only fast (and only fits in memory) as a
+        compiled kernel. Nothing on a CPU (forward-only tests run the eager op)."""
+        global _flex_kernel
+        if device.type == "cuda" and _flex_kernel is None:
+            from torch.nn.attention.flex_attention import flex_attention as flex
+            raise_recompile_limit()
+            _flex_kernel = torch.compile(flex, dynamic=False)
+
+    @staticmethod
+    def mask(docs: Tensor, window_tokens: int):
+        return flex_block_mask(docs, window_tokens)
+
+    @staticmethod
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
+        return flex_attention(q, k, v, mask, scale)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
-    """Runs the kernel that matches the mask attention_mask() built. q, k, v: (1, T, H, D) -> (1, T, H, D)."""
-    if isinstance(mask, Tensor):
-        return dense_attention(q, k, v, mask, scale)
-    return flex_attention(q, k, v, mask, scale)
+def attention_kernel(name: str | None, device: torch.device) -> type[Attention]:
+    """ATTENTION's kernel; None (auto): flex on CUDA, dense elsewhere."""
+    return registered(ATTENTION, "ATTENTION", name or ("flex" if device.type == "cuda" else "dense"))
+
+
+ATTENTION.update(dense=DenseAttention, flex=FlexAttention)
 
 
 FP8_X_SCALE_NUMERATOR = 448.0  # e4m3's largest normal value; x scale = sqrt(model_dim) / 448
@@ -1781,12 +1827,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 @dataclass
 class AttnInputs:
     """What every attention layer of one forward shares: rotary tables (T, head_dim / 2), the softmax scale and
-    YaRN's factor on it (0-D tensor)."""
+    YaRN's factor on it (0-D tensor), and the attention kernel (its masks come with each layer's window)."""
 
     cos: Tensor
     sin: Tensor
     scale: float
     yarn_factor: Tensor
+    kernel: type[Attention]
 
 
 class CausalSelfAttention(nn.Module):
@@ -1805,7 +1852,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(config.num_heads, config.gate_input_dim, dtype=gate_dtype))
 
     def forward(self, x: Tensor, value_embed: Tensor | None, sa_lambdas: Tensor, mask, shared: AttnInputs) -> Tensor:
-        """x: (1, T, model_dim); value_embed: (1, T, model_dim) or None; mask: from attention_mask()."""
+        """x: (1, T, model_dim); value_embed: (1, T, model_dim) or None; mask: from shared.kernel.mask()."""
         batch, seq, _ = x.shape
         width = self.num_heads * self.head_dim
         w = self.qkvo_w.type_as(x)
@@ -1816,7 +1863,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary(rms_norm(k), shared.cos, shared.sin)
         if value_embed is not None:
             v = v + value_embed.view_as(v)
-        y = attention(q, k, v, mask, shared.scale)
+        y = shared.kernel.attend(q, k, v, mask, shared.scale)
         gate = torch.sigmoid(F.linear(x[..., :self.attn_gate.size(1)], self.attn_gate.type_as(x)))
         y = (y * gate.unsqueeze(-1)).reshape(batch, seq, width)
         return F.linear(y, w[3 * width:] * sa_lambdas[1])
@@ -1904,8 +1951,9 @@ class GPT(nn.Module):
         scalars = torch.cat([torch.tensor([1.1, 0.0]).repeat(n), torch.tensor([0.5, 1.0]).repeat(n),
                              torch.tensor([-1.5, 0.0, 0.5])])
         self.scalars = nn.Parameter(scalars)
-        # rounded up to whole FlexAttention tiles: forward pads a sequence to them on CUDA
-        rotary_len = -(-config.rotary_tokens // FLEX_BLOCK) * FLEX_BLOCK
+        # rounded up to whole tiles of every attention kernel: forward pads a sequence to its kernel's tile
+        tile = math.lcm(*(kernel.tile for kernel in ATTENTION.values()))
+        rotary_len = -(-config.rotary_tokens // tile) * tile
         self.rotary = Rotary(config.head_dim, rotary_len, config.initial_window, config.window_block_tokens)
         self.windows = window_pair(config.initial_window)
 
@@ -1950,14 +1998,15 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor, reduction: str = "sum", fp8: bool = False) -> Tensor:
         """Cross-entropy of the next-token prediction over one packed sequence. idx, targets: (T,) int64.
 
-        Documents start at BOS tokens and never see each other. FlexAttention (CUDA) works on whole tiles of
-        FLEX_BLOCK tokens: a sequence of another length is padded at its end with BOS tokens (each its own
-        document, after every real token, so no real token sees them) whose targets are ignored.
+        Documents start at BOS tokens and never see each other. The attention kernel (ATTENTION; auto: flex on
+        CUDA, dense elsewhere) works on whole tiles (flex: FLEX_BLOCK tokens): a sequence of another length is padded
+        at its end with BOS tokens (each its own document, after every real token, so no real token sees them) whose
+        targets are ignored.
         """
         config, plan = self.config, self.plan
-        use_flex = idx.is_cuda
-        if use_flex and idx.size(0) % FLEX_BLOCK:
-            pad = FLEX_BLOCK - idx.size(0) % FLEX_BLOCK
+        kernel = attention_kernel(config.attention, idx.device)
+        if idx.size(0) % kernel.tile:
+            pad = kernel.tile - idx.size(0) % kernel.tile
             idx = F.pad(idx, (0, pad), value=config.bos_id)
             targets = F.pad(targets, (0, pad), value=-100)  # cross_entropy's ignore_index
         if idx.size(0) > self.rotary.cos.size(0):
@@ -1974,10 +2023,10 @@ class GPT(nn.Module):
         x = x0 = rms_norm(x)  # x0: the normed embedding that every block mixes back in (lambdas[1])
         value_embeds = [table(idx)[None] for table in self.value_embeds]
         shared = AttnInputs(cos=self.rotary.cos, sin=self.rotary.sin, scale=config.attn_scale,
-                            yarn_factor=self.rotary.scale_factor)
+                            yarn_factor=self.rotary.scale_factor, kernel=kernel)
         # one mask per distinct window per forward (two: short and long), shared by every layer that uses it
         docs = document_ids(idx, config.bos_id)
-        masks = {w: attention_mask(docs, w * config.window_block_tokens, use_flex) for w in sorted(set(self.windows))}
+        masks = {w: kernel.mask(docs, w * config.window_block_tokens) for w in sorted(set(self.windows))}
         skip = backout = None
         for i, block in enumerate(self.blocks):
             if block.attn is None and block.mlp is None:
@@ -3026,6 +3075,8 @@ def _parse_value(name: str, raw: str, kind: object) -> object:
         return value
     if kind is str:
         return text
+    if kind == (str | None):  # a name from a registry, or auto
+        return None if text.lower() == "auto" else text
     item = typing.get_args(kind)[0]
     try:
         return tuple(item(part) for part in text.split(",") if part.strip())
@@ -3036,8 +3087,9 @@ def _parse_value(name: str, raw: str, kind: object) -> object:
 def _check_field(f: dataclasses.Field, value: object) -> None:
     name = env_name(f.name)
     choices = f.metadata.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{name}={value}: expected one of {', '.join(choices)}")
+    if choices is not None and value is not None and value not in choices:  # None: auto, where the type allows it
+        auto = ", auto" if f.default is None else ""
+        raise ConfigError(f"{name}={value}: expected one of {', '.join(choices)}{auto}")
     check = f.metadata.get("check")
     if check is not None and value is not None:
         predicate, rule = check
@@ -3215,7 +3267,7 @@ def parse_env(environ: Mapping[str, str], cuda_available: bool | None = None) ->
 
 
 def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
-    """Fills the `auto` (None) fields from the hardware: FP8 on sm90+, compile on CUDA."""
+    """Fills the `auto` (None) fields from the hardware: FP8 on sm90+, compile and FlexAttention on CUDA."""
     on_cuda = device.type == "cuda"
     fp8 = hp.fp8 if hp.fp8 is not None else (on_cuda and torch.cuda.get_device_capability(device) >= (9, 0))
     if fp8 and (hp.vocab_size % 16 or hp.model_dim % 16):
@@ -3224,7 +3276,11 @@ def resolve_auto(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
     if fp8 and not on_cuda:
         raise ConfigError("FP8=1: the FP8 lm_head needs a CUDA GPU (sm90+); set FP8=0 on this machine")
     compile_model = hp.compile if hp.compile is not None else on_cuda
-    return dataclasses.replace(hp, fp8=fp8, compile=compile_model)
+    attention = hp.attention or ("flex" if on_cuda else "dense")
+    if attention == "flex" and not on_cuda:
+        raise ConfigError("ATTENTION=flex: FlexAttention has no backward on this device; set ATTENTION=dense (or "
+                          "auto) here")
+    return dataclasses.replace(hp, fp8=fp8, compile=compile_model, attention=attention)
 
 
 def help_text() -> str:
@@ -3503,7 +3559,7 @@ def setup(hp: Hyperparameters, launch: Launch, device: torch.device) -> TrainSta
                           pin_memory=device.type == "cuda", bos_id=hp.bos_id, data_seed=hp.data_seed)
     if hp.compile:
         raise_recompile_limit()
-    prepare_attention(device)
+    attention_kernel(hp.attention, device).prepare(device)
     torch.manual_seed(hp.seed)
     embed_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = GPT(model_config(hp, launch.world_size), embed_dtype, geometry.accum_steps).to(device)

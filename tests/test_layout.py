@@ -10,7 +10,7 @@ import train_gpt as T
 SOURCE = Path(T.__file__).read_text()
 # The registries are declared with the flags, whose choices they are, before the classes of their entries (see the
 # comment above NORMS): their annotations are the only names of a later definition.
-ALLOWED = {("NORMS", "Norm"), ("OPTIMIZERS", "OptimizerEntry")}
+ALLOWED = {("ATTENTION", "Attention"), ("NORMS", "Norm"), ("OPTIMIZERS", "OptimizerEntry")}
 
 
 def top_names(node: ast.stmt) -> list[str]:

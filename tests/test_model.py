@@ -317,9 +317,9 @@ def test_flex_attention_raises_the_recompile_limit_without_compile(monkeypatch):
     monkeypatch.setattr(T, "_flex_kernel", None)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 8)
-    T.prepare_attention(torch.device("cpu"))
-    assert torch._dynamo.config.recompile_limit == 8  # the CPU runs SDPA: nothing compiled, nothing raised
-    T.prepare_attention(torch.device("cuda"))
+    T.FlexAttention.prepare(torch.device("cpu"))
+    assert torch._dynamo.config.recompile_limit == 8  # the CPU runs dense attention: nothing compiled or raised
+    T.FlexAttention.prepare(torch.device("cuda"))
     assert T._flex_kernel is not None
     assert torch._dynamo.config.recompile_limit == T.COMPILE_RECOMPILE_LIMIT >= 16
     assert torch._dynamo.config.accumulated_recompile_limit >= 4 * T.COMPILE_RECOMPILE_LIMIT
@@ -342,7 +342,7 @@ def test_fp8_kernel_backward_matches_float64_reference():
 def test_flex_attention_matches_dense_attention_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    T.prepare_attention(torch.device("cuda"))
+    T.FlexAttention.prepare(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 1024, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3))
     docs = packed_docs(1024, seed=3, mean_doc=300).cuda()
@@ -359,7 +359,7 @@ def test_flex_attention_backward_matches_dense_attention_inside_a_compiled_graph
     q, k and v against dense attention in fp32 on the same bf16 inputs."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    T.prepare_attention(torch.device("cuda"))
+    T.FlexAttention.prepare(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, grad = (torch.randn(1, 2048, 6, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
                      for _ in range(4))

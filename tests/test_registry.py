@@ -1,4 +1,4 @@
-"""NORMS and OPTIMIZERS: an entry registered from outside train_gpt.py is a valid NORM / OPTIMIZER value and trains;
+"""ATTENTION, NORMS and OPTIMIZERS: an entry registered from outside train_gpt.py is a valid flag value and trains;
 the refusals name the registered choices; a norm's optional abilities are called on whatever norm has them; an
 optimizer's own defaults (MuonMax's Adam betas and bias correction) sit over the preset and under the env."""
 
@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import REPO, preset_env, write_shards
+from conftest import REPO, preset_env, signal_everywhere, write_shards
 
 sys.path.insert(0, str(REPO / "scripts"))
 from same_logs import kept_lines  # noqa: E402  (the step/val/final lines without their timings)
 
-# A script outside train_gpt.py: registers a norm (a subclass of the rmsnorm entry that counts its forwards) and the
-# muon entry under a new name, then runs train_gpt.main() with the env it was given.
+# A script outside train_gpt.py: registers a norm (a subclass of the rmsnorm entry that counts its forwards), an
+# attention kernel (the dense entry, counting its calls) and the muon entry under a new name, then runs
+# train_gpt.main() with the env it was given.
 REGISTERING_SCRIPT = textwrap.dedent("""
     import json, sys
     import train_gpt
@@ -29,10 +30,19 @@ REGISTERING_SCRIPT = textwrap.dedent("""
             type(self).forwards += 1
             return super().forward(x)
 
+    class CountedDense(train_gpt.ATTENTION["dense"]):
+        calls = 0
+
+        @staticmethod
+        def attend(q, k, v, mask, scale):
+            CountedDense.calls += 1
+            return train_gpt.ATTENTION["dense"].attend(q, k, v, mask, scale)
+
     train_gpt.NORMS["counted_rmsnorm"] = CountedRMSNorm
+    train_gpt.ATTENTION["counted_dense"] = CountedDense
     train_gpt.OPTIMIZERS["muon_again"] = train_gpt.OPTIMIZERS["muon"]
     code = train_gpt.main([])
-    print("result: " + json.dumps({"code": code, "forwards": CountedRMSNorm.forwards}))
+    print("result: " + json.dumps({"code": code, "forwards": CountedRMSNorm.forwards, "calls": CountedDense.calls}))
     sys.exit(code)
 """)
 
@@ -42,14 +52,15 @@ def parse(**flags: str) -> T.Hyperparameters:
 
 
 @pytest.mark.slow  # two training runs
-def test_a_norm_and_an_optimizer_registered_outside_the_file_train_as_their_entries(tmp_path):
-    """NORM=counted_rmsnorm OPTIMIZER=muon_again from a script that registers them gives the step lines of
-    NORM=rmsnorm OPTIMIZER=muon (the same math), the log's config names them, and the registered class ran."""
+def test_a_norm_an_attention_and_an_optimizer_registered_outside_the_file_train_as_their_entries(tmp_path):
+    """NORM=counted_rmsnorm ATTENTION=counted_dense OPTIMIZER=muon_again from a script that registers them gives the
+    step lines of NORM=rmsnorm ATTENTION=dense OPTIMIZER=muon (the same math), the log's config names them, and the
+    registered classes ran."""
     script = tmp_path / "register_and_train.py"
     script.write_text(REGISTERING_SCRIPT)
     data = write_shards(tmp_path)
-    runs = {"registered": dict(NORM="counted_rmsnorm", OPTIMIZER="muon_again"),
-            "builtin": dict(NORM="rmsnorm", OPTIMIZER="muon")}
+    runs = {"registered": dict(NORM="counted_rmsnorm", ATTENTION="counted_dense", OPTIMIZER="muon_again"),
+            "builtin": dict(NORM="rmsnorm", ATTENTION="dense", OPTIMIZER="muon")}
     processes = {name: subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, env={
                                             **preset_env(data, tmp_path / name), "NUM_ITERATIONS": "3",
@@ -60,17 +71,24 @@ def test_a_norm_and_an_optimizer_registered_outside_the_file_train_as_their_entr
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-3000:]
         result = json.loads(out.split("result: ")[1])
-        assert (result["forwards"] > 0) == (name == "registered"), result  # the registered subclass ran, there only
+        # the registered subclasses ran, there only
+        assert (result["forwards"] > 0) == (result["calls"] > 0) == (name == "registered"), result
         (log,) = (tmp_path / name).glob("*.txt")
         logs[name] = log.read_text()
     config = {name: json.loads(next(line for line in log.splitlines() if line.startswith("config: "))[8:])
               for name, log in logs.items()}
-    assert (config["registered"]["norm"], config["registered"]["optimizer"]) == ("counted_rmsnorm", "muon_again")
+    assert [config["registered"][key] for key in ("norm", "attention", "optimizer")] == [
+        "counted_rmsnorm", "counted_dense", "muon_again"]
     registered_lines, builtin_lines = kept_lines(logs["registered"]), kept_lines(logs["builtin"])
     assert len(builtin_lines) == 6 and registered_lines == builtin_lines  # 2 val, 3 train steps, final
 
 
 def test_flag_checks_errors_and_help_read_the_registries_when_called(monkeypatch):
+    monkeypatch.setitem(T.ATTENTION, "mine_three", T.DenseAttention)
+    assert parse(ATTENTION="mine_three").attention == "mine_three" and parse(ATTENTION="AUTO").attention is None
+    with pytest.raises(T.ConfigError, match="^ATTENTION=flash: expected one of dense, flex, mine_three, auto$"):
+        parse(ATTENTION="flash")
+    assert "[dense|flex|mine_three]" in T.help_text()
     monkeypatch.setitem(T.NORMS, "mine", T.RMSNorm)
     monkeypatch.setitem(T.OPTIMIZERS, "mine_too", T.OPTIMIZERS["muon"])
     assert parse(NORM="mine", OPTIMIZER="mine_too").norm == "mine"
@@ -81,6 +99,45 @@ def test_flag_checks_errors_and_help_read_the_registries_when_called(monkeypatch
         parse(OPTIMIZER="adam")
     text = T.help_text()
     assert "[rmsnorm|dyt|derf|derf_ema|mine]" in text and "[normuon|muon|adamw|muonmax|mine_too]" in text
+
+
+def test_auto_attention_is_flex_on_cuda_and_dense_elsewhere_and_flex_is_refused_on_a_cpu():
+    assert T.attention_kernel(None, torch.device("cuda")) is T.FlexAttention
+    assert T.attention_kernel(None, torch.device("cpu")) is T.DenseAttention
+    assert T.attention_kernel("dense", torch.device("cuda")) is T.DenseAttention
+    assert T.resolve_auto(parse(), torch.device("cpu")).attention == "dense"
+    with pytest.raises(T.ConfigError, match="^ATTENTION=flex: FlexAttention has no backward on this device; set "
+                                            "ATTENTION=dense"):
+        T.resolve_auto(parse(ATTENTION="flex"), torch.device("cpu"))
+    with pytest.raises(T.ConfigError, match="^ATTENTION=gone: expected one of dense, flex$"):
+        T.attention_kernel("gone", torch.device("cpu"))
+
+
+def test_a_kernel_with_a_tile_gets_padded_sequences_and_the_same_losses(monkeypatch):
+    """A kernel whose tile does not divide the sequence sees it padded at the end (BOS tokens, targets ignored), as
+    FlexAttention on CUDA: the real tokens' losses are the unpadded run's, and the rotary table covers whole tiles."""
+    lengths = []
+
+    class TiledDense(T.DenseAttention):
+        tile = 48
+
+        @staticmethod
+        def attend(q, k, v, mask, scale):
+            lengths.append(q.size(1))
+            return T.dense_attention(q, k, v, mask, scale)
+
+    monkeypatch.setitem(T.ATTENTION, "tiled", TiledDense)
+    hp = parse()
+    model = signal_everywhere(T.GPT(T.model_config(hp)), torch.Generator().manual_seed(0)).eval()
+    assert model.rotary.cos.size(0) % 48 == 0 and model.rotary.cos.size(0) % T.FLEX_BLOCK == 0
+    idx = torch.randint(1, hp.vocab_size, (70,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(idx, idx.roll(-1), "none")
+        model.config = T.dataclasses.replace(model.config, attention="tiled")
+        tiled = model(idx, idx.roll(-1), "none")
+    assert set(lengths) == {96}  # 70 tokens padded to two tiles of 48
+    torch.testing.assert_close(tiled[:70], plain, rtol=1e-5, atol=1e-5)
+    assert tiled.size(0) == 96 and (tiled[70:] == 0).all()  # the padding's targets are ignored
 
 
 def test_factories_refuse_an_unregistered_name_with_the_choices():
