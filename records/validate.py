@@ -55,13 +55,14 @@ DEFAULT_TARGET = 3.28
 DEFAULT_ALPHA = 0.01
 CONFIDENCE = 0.95
 SEPARATOR = "=" * 100
-# `config:` keys that vary from run to run of one configuration: the seed (what a set of runs varies), the tag and
-# log folder (names), the commit (runs may straddle a commit that changed no behaviour), and the checkpoint and
-# timeout flags (saving is outside the train time; a resumed run continues its run exactly). Every other key, device,
-# world size and torch version included, is configuration: it changes the loss or the time, so runs that differ
-# in one are not pooled into one test (--by gives them cells of their own) unless --pool is given.
-PER_RUN_KEYS = ("seed", "run_tag", "log_dir", "git_commit", "resume", "save_checkpoint", "checkpoint_every",
-                "checkpoint_dir", "checkpoint_keep", "dist_timeout")
+# `config:` keys that vary from run to run of one configuration: the seeds (what a set of runs varies: the init's,
+# and the data order's when study.py --shuffle-data sets DATA_SEED = SEED), the tag and log folder (names), the
+# commit (runs may straddle a commit that changed no behaviour), and the checkpoint and timeout flags (saving is
+# outside the train time; a resumed run continues its run exactly). Every other key, device, world size and torch
+# version included, is configuration: it changes the loss or the time, so runs that differ in one are not pooled
+# into one test (--by gives them cells of their own) unless --pool is given.
+PER_RUN_KEYS = ("seed", "data_seed", "run_tag", "log_dir", "git_commit", "resume", "save_checkpoint",
+                "checkpoint_every", "checkpoint_dir", "checkpoint_keep", "dist_timeout")
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
 STEP_LINE = re.compile(
     rf"^step:(?P<step>\d+)/(?P<total>\d+)"

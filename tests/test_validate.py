@@ -427,13 +427,14 @@ def test_runs_of_different_configurations_are_refused_naming_the_keys(tmp_path: 
 def test_per_run_keys_differ_freely(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for index, loss in enumerate([3.2761, 3.2790, 3.2772]):
         write_project_log(tmp_path / f"{index}.txt", loss, 130.0,
-                          config={"seed": index, "run_tag": f"t{index}", "log_dir": f"logs{index}",
+                          config={"seed": index, "data_seed": index, "run_tag": f"t{index}", "log_dir": f"logs{index}",
                                   "git_commit": f"{index:040d}"})
     result = run_main(capsys, "--json", str(tmp_path))
     assert result.returncode in (validate.EXIT_PASS, validate.EXIT_FAIL), result.stderr
     assert json.loads(result.stdout)["pooled_over"] == []
-    assert set(validate.PER_RUN_KEYS) == {"seed", "run_tag", "log_dir", "git_commit", "resume", "save_checkpoint",
-                                          "checkpoint_every", "checkpoint_dir", "checkpoint_keep", "dist_timeout"}
+    assert set(validate.PER_RUN_KEYS) == {"seed", "data_seed", "run_tag", "log_dir", "git_commit", "resume",
+                                          "save_checkpoint", "checkpoint_every", "checkpoint_dir", "checkpoint_keep",
+                                          "dist_timeout"}
 
 
 def test_device_torch_version_and_a_missing_key_count_as_configuration(tmp_path: Path,

@@ -57,6 +57,10 @@ STUDY_CELLS = {
     "derf_adamw": {"NORM": "derf", "OPTIMIZER": "adamw", "ADAMW_MATRIX_WD": str(ADAMW_DECAY)},
     "dyt_adamw": {"NORM": "dyt", "OPTIMIZER": "adamw", "ADAMW_MATRIX_WD": str(ADAMW_DECAY)},
 }
+# train_gpt's defaults of the flags that some cells set and others leave (the research preset's): claims.json pins
+# them in every cell, so that a cell's runs are told from those of a cell that differs only there (Derf at alpha 0.5
+# and at alpha 0.3 may end up at one lr)
+UNSET_DEFAULTS = {"NORM_ALPHA": "0.5", "ADAMW_MATRIX_WD": "0.0"}
 PAPER = "Abouzeid, arXiv 2604.01563"
 GAP = {"difference": ["derf_muon", "rmsnorm_muon"]}
 SPECTRAL = {"diagnostic": "layers.*_spectral (mean)", "step": 600}
@@ -189,8 +193,8 @@ def claims_document(cells: dict[str, dict[str, str]]) -> dict:
                           "any log of the study (git log shows the order); the lrs and the seeds come from the sweep "
                           "by those rules",
             "logs": ["logs"], "caveats": CAVEATS,
-            "cells": {name: {k: (float(v) if k in LR_KEYS + ("NORM_ALPHA", "ADAMW_MATRIX_WD") else v)
-                             for k, v in flags.items()} for name, flags in cells.items()},
+            "cells": {name: {k: (float(v) if k in LR_KEYS + tuple(UNSET_DEFAULTS) else v)
+                             for k, v in {**UNSET_DEFAULTS, **flags}.items()} for name, flags in cells.items()},
             "claims": [{"paper": PAPER, "metric": "final_val_loss", "direction": "greater", "paper_effect": None,
                         **claim} for claim in CLAIMS]}
 
@@ -212,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print("plan: not ready: " + "; ".join(f"{name}: {why}" for name, why in result["not_ready"].items()))
         return 1
     seeds = result["seeds"]
-    print(f"plan: sigma^2 {seeds['sigma2']:.3g} (pooled, seeds {SWEEP_SEEDS}), pilot interaction {seeds['delta']:+.4f}: "
-          f"{seeds['n_for_power']} seeds a cell for {POWER:.0%} power, running {seeds['n']}"
+    print(f"plan: sigma^2 {seeds['sigma2']:.3g} (pooled, seeds {SWEEP_SEEDS}), pilot interaction "
+          f"{seeds['delta']:+.4f}: {seeds['n_for_power']} seeds a cell for {POWER:.0%} power, running {seeds['n']}"
           + (f" (capped: power {seeds['power_at_delta']:.0%} at the pilot's interaction; "
              f"{seeds['detectable_at_80']:.3f} detectable at 80%)" if seeds["capped"] else ""))
     if args.write:
