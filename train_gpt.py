@@ -1696,7 +1696,8 @@ class DerfEMA(Derf):
 
 def make_norm(config: ModelConfig) -> Norm:
     """One block/final norm site of the class that NORM names in NORMS. A new norm touches: its kernel function and
-    its Norm subclass here, its NORMS line below, any init flag, and `python scripts/readme_flags.py`."""
+    its Norm subclass here, its NORMS line below, any init flag (a Hyperparameters field and the ModelConfig field
+    of the same name, which model_config copies), and `python scripts/readme_flags.py`."""
     return registered(NORMS, "NORM", config.norm).build(config)
 
 
