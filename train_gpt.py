@@ -133,7 +133,7 @@ class ModelConfig:
     window_block_tokens: int = 128
     initial_window: int = 3  # the first long window in blocks (#48's first third); the loop grows it as scheduled
     # rows of the rotary table: the longest packed sequence a forward will see (#48: a 262,144-token validation
-    # sequence at 8 GPUs, the most at any world size); GPT rounds it up to whole FlexAttention tiles
+    # sequence at 8 GPUs, the most at any world size); GPT rounds it up to whole tiles of every attention kernel
     rotary_tokens: int = 262144
     norm: str = "rmsnorm"
     norm_alpha: float = 0.5
@@ -2687,6 +2687,14 @@ RESUMABLE_KEYS = ("log_dir", "run_tag", "train_files", "val_files", "train_log_e
                   "dist_timeout")
 
 
+def flags_before_they_existed() -> dict[str, object]:
+    """The flags added after the first checkpoints (2026-11-26) could be written, each with the value that gives the
+    behaviour from before it: a checkpoint whose config lacks one ran so. ATTENTION's is auto's on the device that
+    pick_device gives this process: FlexAttention with CUDA, dense attention without."""
+    return {"adam_bias_correction": True, "adamw_matrix_wd": 0.0, "data_seed": -1,
+            "attention": "flex" if torch.cuda.is_available() else "dense"}
+
+
 def checkpoint_exception() -> type:
     """torch.distributed.checkpoint's error type: it wraps every rank's failures and derives from BaseException,
     so `except Exception` does not catch it."""
@@ -2990,10 +2998,11 @@ def check_resume(path: Path, meta: dict, hp: Hyperparameters, train_files: list[
                           f"optimizer state is sharded by rank, so resume with the same world size "
                           f"(torchrun --nproc_per_node={meta['world_size']}, or plain python for 1)")
     ours = hp_as_dict(hp)
-    differing = sorted(k for k in set(ours) | set(meta["config"]) if k not in RESUMABLE_KEYS
-                       and ours.get(k, "(absent)") != meta["config"].get(k, "(absent)"))
+    saved = {**flags_before_they_existed(), **meta["config"]}  # an older checkpoint ran as these flags' old values
+    differing = sorted(k for k in set(ours) | set(saved) if k not in RESUMABLE_KEYS
+                       and ours.get(k, "(absent)") != saved.get(k, "(absent)"))
     if differing:
-        described = ", ".join(f"{env_name(k)}={meta['config'].get(k, '(absent)')} in the checkpoint, "
+        described = ", ".join(f"{env_name(k)}={saved.get(k, '(absent)')} in the checkpoint, "
                               f"{ours.get(k, '(absent)')} now" for k in differing)
         raise ConfigError(f"{where}: the checkpoint's run differs in {described}; resume with the same settings "
                           f"(only {', '.join(env_name(k) for k in RESUMABLE_KEYS)} may change)")

@@ -72,7 +72,7 @@ def bench_dim(dim: int, tokens: int, compiled: bool, repeats: int, inner: int, d
     grad = torch.randn_like(x)
     calls = {}
     for name in VARIANTS:
-        module = T.make_norm(T.dataclasses.replace(hp, norm=name)).to(device)
+        module = T.make_norm(T.dataclasses.replace(T.model_config(hp), norm=name)).to(device)
         run = torch.compile(module, dynamic=False) if compiled else module
         calls[(name, "fwd")] = functools.partial(run, x)
         calls[(name, "fwd+bwd")] = lambda run=run: run(x).backward(grad)

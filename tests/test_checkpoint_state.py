@@ -395,6 +395,19 @@ def test_resume_refuses_a_setting_only_one_side_knows(checkpoint_hp):
         check_resume(meta, checkpoint_hp, TRAIN_FILES)
 
 
+def test_a_checkpoint_from_before_a_flag_existed_resumes_as_that_flags_old_behaviour(checkpoint_hp):
+    """A checkpoint written before DATA_SEED, ADAMW_MATRIX_WD, ADAM_BIAS_CORRECTION and ATTENTION existed ran as -1,
+    0.0, True and the device's auto kernel: a run with those values resumes it, one with another value is refused."""
+    resolved = T.resolve_auto(checkpoint_hp, torch.device("cpu"))  # as main() has it, and as a run saves it
+    assert resolved.attention == "dense" and not torch.cuda.is_available()
+    meta = checkpoint_meta(resolved, TRAIN_FILES)
+    for key in ("data_seed", "adamw_matrix_wd", "adam_bias_correction", "attention"):
+        del meta["config"][key]
+    check_resume(meta, resolved, TRAIN_FILES)
+    with pytest.raises(T.ConfigError, match=r"DATA_SEED=-1 in the checkpoint, 3 now"):
+        check_resume(meta, dataclasses.replace(resolved, data_seed=3), TRAIN_FILES)
+
+
 def test_resume_refuses_another_world_size_or_other_shards(checkpoint_hp):
     meta = {**checkpoint_meta(checkpoint_hp, TRAIN_FILES), "world_size": 2}
     with pytest.raises(T.ConfigError, match=r"written by 2 rank\(s\), this run has 1"):
