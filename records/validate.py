@@ -474,17 +474,28 @@ def require_spread(sets: dict[str, Sequence[float]]) -> None:
                          "seeds (runs of one seed on deterministic kernels repeat one sample)")
 
 
+def value_before_flag(run: Run, key: str) -> Any:
+    """The value that a log written before train_gpt.py had the flag `key` ran as (the behaviour from before it, as
+    train_gpt's flags_before_they_existed says for checkpoints), or None for a key with no such value. ATTENTION's
+    was auto's: FlexAttention on CUDA, dense attention elsewhere (the log's device)."""
+    if key == "attention":
+        return "flex" if str(run.config.get("device", "")).startswith("cuda") else "dense"
+    return {"adam_bias_correction": True, "adamw_matrix_wd": 0.0, "data_seed": -1}.get(key)
+
+
 def config_differences(runs: Sequence[Run], ignore: Sequence[str] = ()) -> dict[str, dict[str, list[Run]]]:
     """The `config:` keys whose values differ between runs (PER_RUN_KEYS and `ignore` left out), each as
-    {value as JSON: runs}; a key missing from a run's config counts as the value "(absent)". Runs without a
-    config line (public speedrun logs) are not compared."""
+    {value as JSON: runs}; a key missing from a run's config counts as the value it ran as when the flag came later
+    (value_before_flag), else as "(absent)". Runs without a config line (public speedrun logs) are not compared."""
     configured = [run for run in runs if run.config]
     skipped = {key.lower() for key in (*PER_RUN_KEYS, *ignore)}
     differences: dict[str, dict[str, list[Run]]] = {}
     for key in sorted({key for run in configured for key in run.config if key.lower() not in skipped}):
         values: dict[str, list[Run]] = {}
         for run in configured:
-            value = json.dumps(run.config[key], sort_keys=True) if key in run.config else "(absent)"
+            before = value_before_flag(run, key) if key not in run.config else None
+            value = (json.dumps(run.config[key], sort_keys=True) if key in run.config
+                     else "(absent)" if before is None else json.dumps(before))
             values.setdefault(value, []).append(run)
         if len(values) > 1:
             differences[key] = values

@@ -424,6 +424,27 @@ def test_runs_of_different_configurations_are_refused_naming_the_keys(tmp_path: 
     assert [g["loss"]["n"] for g in json.loads(grouped.stdout)["groups"]] == [2, 2]
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_a_log_from_before_a_flag_counts_as_that_flags_old_value(device: str) -> None:
+    """An older log without DATA_SEED, ADAMW_MATRIX_WD, ADAM_BIAS_CORRECTION or ATTENTION ran as -1, 0.0, True and
+    the device's auto kernel: pooled with newer logs at those values, refused beside another value."""
+    old = validate.Run(path=Path("old.txt"), config={"device": device, "norm": "rmsnorm"})
+    kernel = "flex" if device.startswith("cuda") else "dense"
+    new = validate.Run(path=Path("new.txt"), config={"device": device, "norm": "rmsnorm", "data_seed": -1,
+                                                     "adamw_matrix_wd": 0.0, "adam_bias_correction": True,
+                                                     "attention": kernel})
+    assert validate.config_differences([old, new]) == {}
+    other = validate.Run(path=Path("other.txt"), config={**new.config, "attention": "mine", "adamw_matrix_wd": 0.1})
+    differences = validate.config_differences([old, other])
+    assert set(differences) == {"attention", "adamw_matrix_wd"}
+    assert set(differences["attention"]) == {json.dumps(kernel), '"mine"'}
+    import train_gpt as T  # here only: the rest of this file runs without torch
+    flags = T.flags_before_they_existed()  # the same values train_gpt's resume check fills in (CPU here)
+    assert {key: validate.value_before_flag(old, key) for key in flags if key != "attention"} == {
+        key: value for key, value in flags.items() if key != "attention"}
+    assert validate.value_before_flag(old, "momo_beta") is None  # a flag as old as the logs: absent stays absent
+
+
 def test_per_run_keys_differ_freely(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for index, loss in enumerate([3.2761, 3.2790, 3.2772]):
         write_project_log(tmp_path / f"{index}.txt", loss, 130.0,
